@@ -1,0 +1,132 @@
+"""The Python API: prune(), select(), recover(), evaluate(), estimate(), pipeline().
+
+Each takes the command's argument dataclass (see paser.config) or keyword arguments, so
+`paser.api.select(pruned="out/wanda", budget="100")` does what `paser select --pruned ...` does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from paser.config import EvaluateArgs, PruneArgs, RecoverArgs, SelectArgs
+from paser.errors import PaserError
+
+
+def _coerce_args(cls: type, args: Any, kwargs: dict) -> Any:
+    if args is None:
+        return cls(**kwargs)
+    if kwargs:
+        return dataclasses.replace(args, **kwargs)
+    return args
+
+
+def _need(value: Any, flag: str, command: str) -> None:
+    if value in (None, "", []):
+        raise PaserError(f"{command} needs {flag}")
+
+
+def prune(args: PruneArgs | None = None, **kwargs) -> str:
+    """Prune a model and write a from_pretrained directory with pruning_report.json."""
+    a = _coerce_args(PruneArgs, args, kwargs)
+    _need(a.out, "--out DIR", "prune")
+    from paser.prune import run_prune
+
+    report = run_prune(
+        a.model,
+        method=a.method,
+        sparsity=a.sparsity,
+        pattern=a.pattern,
+        out_dir=a.out,
+        calibration=a.calibration,
+        n_calibration=a.n_calibration,
+        importance=a.importance,
+        ppl_tokens=a.ppl_tokens,
+        allow_pickle=a.allow_pickle,
+        seed=a.seed,
+    )
+    ppl = report.get("perplexity", {})
+    lines = [f"pruned model written to {a.out}"]
+    if ppl:
+        lines.append(f"WikiText-2 perplexity: before {ppl.get('before', float('nan')):.2f}, after {ppl.get('after', float('nan')):.2f}")
+    return "\n".join(lines)
+
+
+def select(args: SelectArgs | None = None, **kwargs) -> str:
+    """Score and select recovery data; writes selected.jsonl, scores.parquet, report.json, plots."""
+    a = _coerce_args(SelectArgs, args, kwargs)
+    _need(a.out, "--out DIR", "select")
+    from paser.select.run import run_selection
+
+    result = run_selection(a)
+    return result.summary()
+
+
+def estimate(args: SelectArgs | None = None, **kwargs) -> str:
+    """Predict tokens, forward passes, time and peak memory of `select` before running it."""
+    a = _coerce_args(SelectArgs, args, kwargs)
+    from paser.select.estimate import estimate_selection
+
+    return estimate_selection(a).summary()
+
+
+def recover(args: RecoverArgs | None = None, **kwargs) -> str:
+    """LoRA recovery on selected records; writes adapter/, merged/ and logs."""
+    a = _coerce_args(RecoverArgs, args, kwargs)
+    _need(a.model, "--model PRUNED", "recover")
+    _need(a.data, "--data FILE", "recover")
+    _need(a.out, "--out DIR", "recover")
+    from paser.io.records import load_records
+
+    records, _ = load_records(a.data, skip_invalid=a.skip_invalid)  # bad data fails before any model loads
+    from paser.recover import recover as run_recover
+
+    report = run_recover(
+        a.model,
+        records,
+        a.out,
+        template=a.template,
+        cutoff=a.cutoff,
+        r=a.r,
+        alpha=a.alpha,
+        dropout=a.dropout,
+        lr=a.lr,
+        epochs=a.epochs,
+        batch_size=a.batch_size,
+        grad_accum=a.grad_accum,
+        seed=a.seed,
+        val_fraction=a.val_fraction,
+        max_steps=a.max_steps,
+    )
+    first, last = report.get("initial_loss"), report.get("final_loss")
+    msg = f"recovered model written to {Path(a.out) / 'merged'} (adapter in {Path(a.out) / 'adapter'})"
+    if first is not None and last is not None:
+        msg += f"\ntraining loss {first:.3f} -> {last:.3f}"
+    return msg
+
+
+def evaluate(args: EvaluateArgs | None = None, **kwargs) -> str:
+    """Perplexity and zero-shot accuracy; writes a results JSON with provenance."""
+    a = _coerce_args(EvaluateArgs, args, kwargs)
+    _need(a.model, "--model", "evaluate")
+    from paser.evaluate.runner import evaluate_model, format_results
+
+    results = evaluate_model(
+        a.model,
+        tasks=[t.strip() for t in a.tasks.split(",") if t.strip()],
+        limit=a.limit,
+        seed=a.seed,
+        out_path=a.out,
+        ppl_window=a.ppl_window,
+        ppl_max_tokens=a.ppl_tokens,
+        batch_size=a.batch_size,
+        allow_pickle=a.allow_pickle,
+    )
+    return format_results(results) + f"\nresults written to {a.out}"
+
+
+def pipeline(config: str, out: str | None = None) -> str:
+    from paser.pipeline import run_pipeline
+
+    return run_pipeline(config, out=out)

@@ -1,0 +1,1 @@
+"""Evaluation: perplexity by a stated protocol and zero-shot commonsense tasks."""

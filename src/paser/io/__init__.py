@@ -1,0 +1,1 @@
+"""Input/output: records, models, the shared prompt template, and on-disk caches."""

