@@ -41,15 +41,18 @@ def prune(args: PruneArgs | None = None, **kwargs) -> str:
         out_dir=a.out,
         calibration=a.calibration,
         n_calibration=a.n_calibration,
-        importance=a.importance,
+        importance=a.importance or "auto",
         ppl_tokens=a.ppl_tokens,
         allow_pickle=a.allow_pickle,
         seed=a.seed,
     )
-    ppl = report.get("perplexity", {})
-    lines = [f"pruned model written to {a.out}"]
-    if ppl:
-        lines.append(f"WikiText-2 perplexity: before {ppl.get('before', float('nan')):.2f}, after {ppl.get('after', float('nan')):.2f}")
+    lines = [f"pruned model written to {a.out} (report: {Path(a.out) / 'pruning_report.json'})"]
+    if report.get("achieved_sparsity") is not None:
+        lines.append(f"achieved sparsity: {report['achieved_sparsity']:.4f}")
+    ppl = report.get("perplexity") or {}
+    if "before" in ppl and "after" in ppl:
+        val = lambda v: v["ppl"] if isinstance(v, dict) else v
+        lines.append(f"WikiText-2 perplexity: before {val(ppl['before']):.2f}, after {val(ppl['after']):.2f}")
     return "\n".join(lines)
 
 

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # pragma: no cover
     from paser.io.records import Record
 
-TEMPLATES = ("alpaca", "chat", "plain")
+TEMPLATES = ("alpaca", "chat", "plain", "raw")
 
 # The Stanford Alpaca prompt, as LLM-Pruner's and PASER's reference training code use it.
 _ALPACA_WITH_INPUT = (
@@ -36,6 +36,9 @@ def render_prompt(record: "Record", template: str = "alpaca", tokenizer=None) ->
     if template == "plain":
         text = record.instruction if not record.input.strip() else f"{record.instruction}\n\n{record.input}"
         return text + "\n\n"
+    if template == "raw":
+        # The instruction already holds the whole prompt (used for Nuggets' one-shot prompts).
+        return record.instruction
     if template == "chat":
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
             raise ValueError("template 'chat' needs a tokenizer with a chat template; use 'alpaca'")

@@ -1,0 +1,322 @@
+"""The evaluation driver: load a model (merged, embedded, or base + PEFT adapter), run the asked
+tasks, cache each task's result on disk, and write one results JSON that says exactly how the
+numbers were made (fingerprint, seeds, limit, perplexity protocol, library versions, git
+revision, time per task).
+
+A task result is cached under (model fingerprint, task, limit, seed, protocol), so re-running
+with more tasks, or after an interruption, computes only what is missing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import platform
+import subprocess
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from paser.errors import ModelError, PaserError
+
+log = logging.getLogger(__name__)
+
+PPL_TASKS = ("wikitext2", "ptb")
+HELDOUT_TASK = "heldout"
+
+
+def _commonsense() -> tuple[str, ...]:
+    from paser.data import COMMONSENSE_TASKS
+
+    return tuple(COMMONSENSE_TASKS)
+
+
+VALID_TASKS: tuple[str, ...] = PPL_TASKS + (HELDOUT_TASK,) + _commonsense()
+SHORTHANDS: dict[str, tuple[str, ...]] = {
+    "all": VALID_TASKS,
+    "commonsense": _commonsense(),
+    "ppl": PPL_TASKS,
+    "perplexity": PPL_TASKS,
+}
+# Aliases people type; mapped to our names.
+_ALIASES = {"wikitext": "wikitext2", "wikitext-2": "wikitext2", "arc_e": "arc_easy", "arc_c": "arc_challenge", "obqa": "openbookqa"}
+
+
+def resolve_tasks(tasks: list[str] | tuple[str, ...] | str) -> list[str]:
+    """Expand shorthands ("all", "commonsense", "ppl") and comma lists; keep order, no repeats."""
+    if isinstance(tasks, str):
+        tasks = [tasks]
+    out: list[str] = []
+    for raw in tasks:
+        for name in (n.strip().lower() for n in str(raw).split(",")):
+            if not name:
+                continue
+            name = _ALIASES.get(name, name)
+            expanded = SHORTHANDS.get(name, (name,))
+            for t in expanded:
+                if t not in VALID_TASKS:
+                    raise PaserError(
+                        f"unknown evaluation task {raw!r}; valid: {', '.join(VALID_TASKS)} "
+                        f"(or {', '.join(SHORTHANDS)})"
+                    )
+                if t not in out:
+                    out.append(t)
+    if not out:
+        raise PaserError("no evaluation tasks given")
+    return out
+
+
+# ----------------------------------------------------------------------------- model loading
+
+
+def _hash_files(paths: list[Path]) -> str:
+    h = hashlib.sha256()
+    for f in sorted(paths):
+        h.update(f.name.encode())
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 24), b""):
+                h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def is_adapter_dir(path: str | os.PathLike) -> bool:
+    p = Path(path)
+    return p.is_dir() and (p / "adapter_config.json").exists()
+
+
+@dataclass
+class EvalModel:
+    """What evaluation needs: model, tokenizer, and the identity that keys its cached results."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    fingerprint: str  # base fingerprint, combined with the adapter's when there is one
+    name: str
+    spec: str
+    base_fingerprint: str
+    adapter: str | None = None
+    adapter_fingerprint: str | None = None
+
+
+def load_for_evaluation(spec, adapter: str | None = None, *, device=None, dtype=None) -> EvalModel:
+    """Accept a LoadedModel, a merged model directory, an embedded name, or a PEFT adapter
+    directory (its base comes from `base_model_name_or_path`), plus an optional `adapter`."""
+    from paser.io.models import LoadedModel, load_model
+
+    if isinstance(spec, EvalModel):
+        if adapter is None:
+            return spec
+        spec = LoadedModel(spec.model, spec.tokenizer, "", spec.fingerprint, spec.name)
+    if isinstance(spec, (str, os.PathLike)) and adapter is None and is_adapter_dir(spec):
+        spec, adapter = None, str(spec)
+    if spec is None:
+        try:
+            cfg = json.loads((Path(adapter) / "adapter_config.json").read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ModelError(f"{adapter}: unreadable adapter_config.json ({e})") from None
+        base = cfg.get("base_model_name_or_path")
+        if not base:
+            raise ModelError(f"{adapter}: adapter_config.json names no base_model_name_or_path; pass the base model too")
+        spec = base
+    if isinstance(spec, LoadedModel):
+        lm = spec
+    elif isinstance(spec, (str, os.PathLike)):
+        lm = load_model(str(spec), device=device, dtype=dtype)
+    else:
+        raise PaserError(f"cannot evaluate a {type(spec).__name__}; give a model directory, an embedded name or a LoadedModel")
+    model, fp = lm.model, lm.fingerprint
+    adapter_fp = None
+    if adapter is not None:
+        from peft import PeftModel
+
+        a = Path(adapter)
+        if not is_adapter_dir(a):
+            raise ModelError(f"{adapter}: not a PEFT adapter directory (no adapter_config.json)")
+        files = [f for f in a.iterdir() if f.name == "adapter_config.json" or f.suffix in (".safetensors", ".bin")]
+        adapter_fp = _hash_files(files)
+        try:
+            model = PeftModel.from_pretrained(model, str(a))
+        except Exception as e:  # peft raises many kinds (ValueError, KeyError, RuntimeError)
+            raise ModelError(f"cannot apply adapter {adapter} to {lm.name}: {e}") from None
+        model.eval()
+        fp = hashlib.sha256(f"{lm.fingerprint}+{adapter_fp}".encode()).hexdigest()[:16]
+    return EvalModel(model, lm.tokenizer, fp, lm.name, str(spec if not isinstance(spec, LoadedModel) else lm.path or lm.name),
+                     lm.fingerprint, str(adapter) if adapter else None, adapter_fp)
+
+
+# ----------------------------------------------------------------------------- provenance
+
+
+def library_versions() -> dict[str, str | None]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out: dict[str, str | None] = {"python": platform.python_version()}
+    for pkg in ("torch", "transformers", "peft", "lm_eval", "paser"):
+        try:
+            out[pkg] = version(pkg.replace("_", "-")) if pkg != "lm_eval" else version("lm_eval")
+        except PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def git_revision() -> str | None:
+    """HEAD of the paser checkout this code runs from, or None (installed wheel, no git, no commits)."""
+    here = Path(__file__).resolve().parent
+    try:
+        r = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    rev = r.stdout.strip()
+    if r.returncode != 0 or not rev:
+        return None
+    try:
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here, capture_output=True, text=True, timeout=10)
+        if dirty.returncode == 0 and dirty.stdout.strip():
+            rev += "-dirty"
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return rev
+
+
+# ----------------------------------------------------------------------------- tasks
+
+
+def _default_batch_size(device: torch.device) -> int:
+    return 32 if device.type == "cuda" else 8
+
+
+def task_protocol(task: str, *, limit, seed, ppl_window, ppl_max_tokens, heldout_template="alpaca", heldout_cutoff=256) -> dict:
+    """Everything besides the model that decides a task's numbers (the cache key's payload)."""
+    from paser.evaluate import heldout, zeroshot
+
+    if task in PPL_TASKS:
+        return {"task": task, "protocol": "ppl-v1:non-overlapping-windows", "window": ppl_window, "max_tokens": ppl_max_tokens}
+    if task == HELDOUT_TASK:
+        return {"task": task, "protocol": heldout.PROTOCOL, "limit": limit, "seed": seed,
+                "template": heldout_template, "cutoff": heldout_cutoff}
+    return {"task": task, "protocol": zeroshot.PROTOCOL, "limit": limit, "seed": seed}
+
+
+def run_task(em: EvalModel, task: str, *, limit, seed, ppl_window, ppl_max_tokens, batch_size, show_progress=True) -> dict:
+    """Compute one task's result dict (no caching)."""
+    from paser.evaluate import heldout, zeroshot
+    from paser.evaluate.perplexity import corpus_perplexity
+
+    if task in PPL_TASKS:
+        r = corpus_perplexity(em.model, em.tokenizer, task, window=ppl_window, max_tokens=ppl_max_tokens,
+                              batch_size=max(1, batch_size // 2), show_progress=show_progress)
+        return r.to_dict()
+    if task == HELDOUT_TASK:
+        return heldout.heldout_loss(em.model, em.tokenizer, limit=limit, seed=seed, batch_size=batch_size, show_progress=show_progress)
+    r = zeroshot.evaluate_task(em.model, em.tokenizer, task, limit=limit, seed=seed, batch_size=batch_size, show_progress=show_progress)
+    d = r.to_dict()
+    d["item_indices"] = r.indices
+    return d
+
+
+def summarise(results: dict[str, dict]) -> dict:
+    """Headline numbers: mean acc / acc_norm over the commonsense tasks present, perplexities,
+    held-out loss. Mean over tasks counts every task once, as the paper's 7-task average does."""
+    from paser.data import COMMONSENSE_TASKS
+
+    cs = [t for t in COMMONSENSE_TASKS if t in results]
+    out: dict = {}
+    if cs:
+        out["commonsense_tasks"] = cs
+        for m in ("acc", "acc_norm", "gold_choice_logprob"):
+            out[f"mean_{m}"] = sum(results[t][m] for t in cs) / len(cs)
+    for t in PPL_TASKS:
+        if t in results:
+            out[f"{t}_ppl"] = results[t]["ppl"]
+    if HELDOUT_TASK in results:
+        out["heldout_loss"] = {c: v["loss"] for c, v in results[HELDOUT_TASK]["capabilities"].items()}
+    return out
+
+
+def evaluate_model(
+    model_spec_or_loaded,
+    tasks: list[str],
+    limit: int | None,
+    seed: int,
+    out_path: str | os.PathLike | None,
+    ppl_window: int = 512,
+    ppl_max_tokens: int = 16384,
+    batch_size: int | None = None,
+    adapter: str | None = None,
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    use_cache: bool = True,
+    show_progress: bool = True,
+) -> dict:
+    """Evaluate one model on `tasks` (names from VALID_TASKS or SHORTHANDS) and write the results JSON.
+
+    model_spec_or_loaded: a merged model directory, an embedded name ("smollm2-135m"), a PEFT
+    adapter directory, a `paser.io.models.LoadedModel` or an `EvalModel`; `adapter` applies a
+    PEFT adapter on top. `limit` (per task; per capability for heldout) takes a seeded subset;
+    perplexity always uses the first `ppl_max_tokens` tokens in windows of `ppl_window`.
+    Returns the dict written to `out_path` (atomically; None writes nothing).
+    """
+    from paser.io.cache import atomic_write_json, default_cache_dir, stable_hash
+
+    if limit is not None and limit <= 0:
+        raise PaserError(f"limit must be a positive number of items, got {limit}")
+    if ppl_window < 2 or ppl_max_tokens < ppl_window:
+        raise PaserError(f"perplexity needs window >= 2 and max_tokens >= window (got {ppl_window}, {ppl_max_tokens})")
+    names = resolve_tasks(tasks)
+    t_start = time.time()
+    em = load_for_evaluation(model_spec_or_loaded, adapter)
+    device = next(em.model.parameters()).device
+    bs = batch_size or _default_batch_size(device)
+    cache_root = Path(cache_dir) if cache_dir else default_cache_dir() / "eval"
+
+    results: dict[str, dict] = {}
+    for task in names:
+        proto = task_protocol(task, limit=limit, seed=seed, ppl_window=ppl_window, ppl_max_tokens=ppl_max_tokens)
+        cpath = cache_root / em.fingerprint / f"{task}-{stable_hash(proto)}.json"
+        if use_cache and cpath.exists():
+            try:
+                cached = json.loads(cpath.read_text())
+                results[task] = {**cached["result"], "seconds": cached["seconds"], "cached": True}
+                log.info("%s: cached result from %s", task, cpath)
+                continue
+            except (OSError, json.JSONDecodeError, KeyError):
+                log.warning("%s: unreadable cache entry %s; recomputing", task, cpath)
+        t0 = time.time()
+        res = run_task(em, task, limit=limit, seed=seed, ppl_window=ppl_window, ppl_max_tokens=ppl_max_tokens,
+                       batch_size=bs, show_progress=show_progress)
+        secs = time.time() - t0
+        if use_cache:
+            atomic_write_json(cpath, {"key": proto, "fingerprint": em.fingerprint, "result": res, "seconds": secs})
+        results[task] = {**res, "seconds": secs, "cached": False}
+
+    out = {
+        "model": {
+            "spec": em.spec,
+            "name": em.name,
+            "fingerprint": em.fingerprint,
+            "base_fingerprint": em.base_fingerprint,
+            "adapter": em.adapter,
+            "adapter_fingerprint": em.adapter_fingerprint,
+            "dtype": str(next(em.model.parameters()).dtype).replace("torch.", ""),
+            "device": str(device),
+        },
+        "tasks": names,
+        "limit": limit,
+        "seed": seed,
+        "perplexity": {"window": ppl_window, "max_tokens": ppl_max_tokens},
+        "batch_size": bs,
+        "versions": library_versions(),
+        "git_revision": git_revision(),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "seconds_total": time.time() - t_start,
+        "summary": summarise(results),
+        "results": results,
+    }
+    if out_path is not None:
+        atomic_write_json(out_path, out)
+    return out

@@ -1,0 +1,222 @@
+"""`paser pipeline`: prune -> select (every method x budget x seed) -> recover -> evaluate -> report.
+
+Every stage writes its output under a key made from everything that produced it, and a DONE
+marker last; a stage whose marker exists is skipped. So adding a method or a budget to the
+config and re-running does only the new work, a killed run resumes, and one failing stage is
+recorded in the report without losing the others' results.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from paser.config import RecoverArgs, SelectArgs, build_args, load_yaml
+from paser.errors import InputError, PaserError
+from paser.io.cache import atomic_write_json, stable_hash
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PipelineConfig:
+    out: str = "runs/experiment"
+    original: str = "smollm2-135m"
+    pruned: str | None = None  # an existing pruned model: skips the prune stage
+    prune: dict = field(default_factory=lambda: {"method": "wanda", "sparsity": 0.5})
+    data: list = field(default_factory=list)  # pool files; empty = the embedded pool
+    pool_limit: int | None = None
+    budgets: list = field(default_factory=lambda: ["0.1"])
+    methods: list = field(default_factory=lambda: ["paser", "random", "uniform"])
+    seeds: list = field(default_factory=lambda: [0])
+    select: dict = field(default_factory=dict)  # further SelectArgs options
+    recover: dict = field(default_factory=dict)  # RecoverArgs options
+    evaluate: dict = field(default_factory=lambda: {"tasks": "wikitext2,ptb,heldout,commonsense", "limit": 50})
+    include_dense: bool = True
+    include_unrecovered: bool = True
+    cache_dir: str | None = None
+
+
+def load_pipeline_config(path: str | Path, out: str | None = None) -> PipelineConfig:
+    raw = load_yaml(path)
+    names = {f.name for f in dataclasses.fields(PipelineConfig)}
+    for key in raw:
+        if key not in names:
+            from paser.config import _yaml_key_line
+
+            raise InputError(str(path), f"unknown key; known: {', '.join(sorted(names))}", line=_yaml_key_line(path, key), field=key)
+    cfg = PipelineConfig(**raw)
+    if out:
+        cfg.out = out
+    for key in ("budgets", "methods", "seeds", "data"):
+        if not isinstance(getattr(cfg, key), list):
+            setattr(cfg, key, [getattr(cfg, key)])
+    # Validate the nested option blocks now, not after an hour of work.
+    build_args(SelectArgs, {**cfg.select, "method": "paser"}, source=path)
+    build_args(RecoverArgs, cfg.recover, source=path)
+    from paser.config import EvaluateArgs, PruneArgs
+
+    build_args(PruneArgs, cfg.prune, source=path)
+    build_args(EvaluateArgs, cfg.evaluate, source=path)
+    return cfg
+
+
+class Stage:
+    """A cached unit of work: its directory holds DONE.json once it has finished."""
+
+    def __init__(self, root: Path, kind: str, name: str, key: dict):
+        self.key = key
+        self.hash = stable_hash(key, 10)
+        self.dir = root / kind / f"{name}-{self.hash}"
+
+    @property
+    def done(self) -> bool:
+        return (self.dir / "DONE.json").exists()
+
+    def finish(self, info: dict) -> None:
+        atomic_write_json(self.dir / "DONE.json", {"key": self.key, **info})
+
+    def info(self) -> dict:
+        return json.loads((self.dir / "DONE.json").read_text())
+
+
+def run_pipeline(config_path: str | Path, out: str | None = None) -> str:
+    cfg = load_pipeline_config(config_path, out)
+    root = Path(cfg.out)
+    root.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    costs: dict[str, float] = {}
+    failures: list[dict] = []
+    rows: list[dict] = []
+
+    def timed(label: str, fn, *a, **kw):
+        t = time.time()
+        try:
+            return fn(*a, **kw)
+        finally:
+            costs[label] = costs.get(label, 0.0) + time.time() - t
+
+    # 1. prune (or take the given pruned model)
+    if cfg.pruned:
+        pruned_dir = cfg.pruned
+        prune_key = {"pruned": cfg.pruned}
+    else:
+        st = Stage(root, "pruned", cfg.prune.get("method", "wanda"), {"original": cfg.original, **cfg.prune})
+        if not st.done:
+            from paser import api
+
+            timed("prune", api.prune, model=cfg.original, out=str(st.dir), **cfg.prune)
+            st.finish({})
+        pruned_dir, prune_key = str(st.dir), st.key
+    log.info("pruned model: %s", pruned_dir)
+
+    ev = dict(cfg.evaluate)
+
+    def evaluate(name: str, model: str) -> dict | None:
+        from paser.evaluate.runner import evaluate_model
+
+        path = root / "eval" / f"{name}.json"
+        try:
+            return timed(
+                "evaluate",
+                evaluate_model,
+                model,
+                tasks=[t.strip() for t in str(ev.get("tasks", "wikitext2,ptb")).split(",") if t.strip()],
+                limit=ev.get("limit"),
+                seed=int(ev.get("seed", 0)),
+                out_path=path,
+                ppl_window=int(ev.get("ppl_window", 512)),
+                ppl_max_tokens=int(ev.get("ppl_tokens", 16384)),
+                batch_size=ev.get("batch_size"),
+                cache_dir=(Path(cfg.cache_dir) / "eval") if cfg.cache_dir else None,
+            )
+        except Exception as e:  # one failing stage must not lose the others
+            failures.append({"stage": f"evaluate {name}", "error": repr(e), "traceback": traceback.format_exc(limit=5)})
+            log.error("evaluate %s failed: %s", name, e)
+            return None
+
+    if cfg.include_dense:
+        rows.append({"method": "dense (unpruned)", "budget": None, "seed": None, "results": evaluate("dense", cfg.original)})
+    if cfg.include_unrecovered:
+        rows.append({"method": "pruned, no recovery", "budget": None, "seed": None, "results": evaluate("unrecovered", pruned_dir)})
+
+    selections: dict[str, dict] = {}
+    for budget in cfg.budgets:
+        for method in cfg.methods:
+            for seed in cfg.seeds if method not in ("full",) else cfg.seeds[:1]:
+                label = f"{method}-b{budget}-s{seed}"
+                try:
+                    row = _run_unit(cfg, root, pruned_dir, prune_key, method, str(budget), int(seed), timed, evaluate)
+                    selections[label] = row.pop("_selection")
+                    rows.append(row)
+                except Exception as e:
+                    failures.append({"stage": label, "error": repr(e), "traceback": traceback.format_exc(limit=5)})
+                    log.error("%s failed: %s", label, e)
+                    rows.append({"method": method, "budget": str(budget), "seed": seed, "results": None, "error": repr(e)})
+
+    from paser.io.provenance import environment
+    from paser.report.experiment import write_experiment_report
+
+    costs["total"] = time.time() - t0
+    summary = {
+        "config": dataclasses.asdict(cfg),
+        "config_file": str(config_path),
+        "pruned_model": pruned_dir,
+        "rows": rows,
+        "selections": selections,
+        "costs_s": costs,
+        "failures": failures,
+        "environment": environment(),
+    }
+    atomic_write_json(root / "results.json", summary)
+    table, html_path = write_experiment_report(summary, root)
+    msg = table + f"\n\nreport: {html_path}\nalso: {root / 'report.md'}, {root / 'results.json'}"
+    if failures:
+        msg += f"\n{len(failures)} stage(s) failed; see the report"
+    return msg
+
+
+def _run_unit(cfg: PipelineConfig, root: Path, pruned_dir: str, prune_key: dict, method: str, budget: str, seed: int, timed, evaluate) -> dict:
+    from paser import api
+
+    sel_opts = {
+        **cfg.select,
+        "original": cfg.original,
+        "pruned": pruned_dir,
+        "data": cfg.data,
+        "budget": budget,
+        "method": method,
+        "seed": seed,
+        "limit": cfg.pool_limit,
+        "cache_dir": cfg.cache_dir,
+    }
+    sel = Stage(root, "select", f"{method}-b{budget}-s{seed}", {**sel_opts, "pruned": prune_key})
+    if not sel.done:
+        timed("select", api.select, SelectArgs(**{k: v for k, v in sel_opts.items()}, out=str(sel.dir)))
+        rep = json.loads((sel.dir / "report.json").read_text())
+        sel.finish({"selected": rep.get("selected"), "seconds": rep.get("timings_s", {}).get("total"), "tokens_scored": rep.get("scoring", {}).get("tokens")})
+    sel_info = sel.info()
+
+    rec_opts = {**cfg.recover, "seed": seed}
+    rec = Stage(root, "recover", f"{method}-b{budget}-s{seed}", {"selection": sel.hash, **rec_opts, "pruned": prune_key})
+    if not rec.done:
+        timed("recover", api.recover, RecoverArgs(model=pruned_dir, data=str(sel.dir / "selected.jsonl"), out=str(rec.dir), **rec_opts))
+        rep = json.loads((rec.dir / "recovery_report.json").read_text())
+        rec.finish({k: rep.get(k) for k in ("initial_loss", "final_loss", "seconds", "tokens_trained") if k in rep})
+    results = evaluate(f"{method}-b{budget}-s{seed}", str(rec.dir / "merged"))
+    return {
+        "method": method,
+        "budget": budget,
+        "seed": seed,
+        "results": results,
+        "selection_dir": str(sel.dir),
+        "recover_dir": str(rec.dir),
+        "recovery": rec.info(),
+        "_selection": {"dir": str(sel.dir), **{k: sel_info.get(k) for k in ("selected", "seconds", "tokens_scored")}},
+    }

@@ -1,0 +1,474 @@
+"""Recovery: LoRA fine-tuning of a pruned model on the selected records (peft + HF Trainer).
+
+Defaults follow the reference training code (LLM-Pruner / PASER): r 8, alpha 16, dropout 0.05
+on every linear projection of the decoder (q,k,v,o,gate,up,down), cutoff 256, lr 1e-4, loss
+on the response tokens only, with the prompt template the scoring used. Two of its defects are
+fixed: the LoRA config is really applied, and training never runs in float16 (NaN losses were
+reported there): float32 on CPU, bfloat16 on GPUs that support it.
+
+Output directory:
+    adapter/              the peft adapter (what training learned)
+    merged/               a plain model directory (`AutoModelForCausalLM.from_pretrained` loads it);
+                          a sparse model keeps its exact zero pattern (see merge.py)
+    training_log.json     train loss per step, validation loss per evaluation
+    recovery_report.json  config, data, tokens, time, losses, sparsity before/after merge
+    checkpoints/          while training only: adapter + optimizer + RNG every `save_steps`,
+                          so a killed run resumes where it stopped with the same result
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+import shutil
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from paser.errors import PaserError
+from paser.io.cache import atomic_write_json, stable_hash
+from paser.io.records import Record
+from paser.recover.data import RecoveryDataset, ResponseCollator, encode_records, split_validation
+from paser.recover.merge import linear_sparsity, merge_keep_sparsity, sparsity_masks
+
+log = logging.getLogger(__name__)
+
+REPORT_FILE = "recovery_report.json"
+LOG_FILE = "training_log.json"
+RUN_FILE = "run.json"  # the key of the run that owns checkpoints/, so a resume never mixes runs
+
+
+# ----------------------------------------------------------------------------- LoRA targets
+
+
+def _decoder_prefix(model: nn.Module) -> str:
+    """Module path of the text decoder inside `model` ("model" for LLaMA/Gemma causal LMs).
+
+    A multimodal checkpoint (Gemma-3 4B+) also has a vision tower whose layers carry the same
+    projection names; only the text decoder is recovered.
+    """
+    try:
+        decoder = model.get_decoder()
+    except Exception:  # exotic models raise; fall back to the whole model
+        return ""
+    for name, mod in model.named_modules():
+        if mod is decoder:
+            return name
+    return ""
+
+
+def lora_target_modules(model: nn.Module) -> tuple[str, list[str]]:
+    """(peft `target_modules` regex, sorted leaf names) for every nn.Linear in a decoder layer.
+
+    Detected, not hard-coded, so LLaMA (q_proj … down_proj), Gemma-3 and any decoder whose
+    linears sit inside numbered layers work; the LM head and embeddings are never targeted.
+    """
+    prefix = _decoder_prefix(model)
+    out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    leaves = set()
+    for name, mod in model.named_modules():
+        if not isinstance(mod, nn.Linear) or mod is out_emb:
+            continue
+        if prefix and not name.startswith(prefix + "."):
+            continue
+        if not re.search(r"\.\d+\.", "." + name):  # inside a numbered (decoder) layer
+            continue
+        leaves.add(name.rsplit(".", 1)[-1])
+    if not leaves:
+        raise PaserError(f"{type(model).__name__}: found no linear layers inside decoder layers to put LoRA on")
+    names = sorted(leaves)
+    head = re.escape(prefix) + r"\." if prefix else ""
+    # peft applies a string target as re.fullmatch on module names of the base model
+    regex = rf"{head}(?:.*\.)?\d+\.(?:.*\.)?(?:{'|'.join(map(re.escape, names))})"
+    return regex, names
+
+
+# ----------------------------------------------------------------------------- Trainer callbacks
+
+
+def _summarise_log(history: list[dict]) -> dict[str, list[dict]]:
+    """Trainer's log_history → {"train": [{step, epoch, loss, lr, grad_norm}], "val": [{step, epoch, loss}]}."""
+    train, val = [], []
+    for h in history:
+        if "loss" in h:
+            train.append(
+                {
+                    "step": h.get("step"),
+                    "epoch": h.get("epoch"),
+                    "loss": h["loss"],
+                    "lr": h.get("learning_rate"),
+                    "grad_norm": h.get("grad_norm"),
+                }
+            )
+        elif "eval_loss" in h:
+            val.append({"step": h.get("step"), "epoch": h.get("epoch"), "loss": h["eval_loss"]})
+    return {"train": train, "val": val}
+
+
+def _make_callbacks(log_path: Path, show_progress: bool):
+    from transformers import ProgressCallback, TrainerCallback
+
+    class LogWriter(TrainerCallback):
+        """Writes training_log.json at every log event, so a killed run leaves its curve behind.
+        log_history comes back from the checkpoint on resume, so the file stays continuous."""
+
+        def __init__(self):
+            self.tokens_at_begin = 0
+            self.tokens_at_end = 0
+            self.initial_eval: dict | None = None  # evaluate() before train(): train() resets the history
+
+        def on_train_begin(self, args, state, control, **kw):
+            self.tokens_at_begin = state.num_input_tokens_seen
+            if self.initial_eval is not None and state.global_step == 0:
+                # into the Trainer's own history, so checkpoints carry it across a resume
+                state.log_history.insert(0, {**self.initial_eval, "epoch": 0.0, "step": 0})
+
+        def on_train_end(self, args, state, control, **kw):
+            self.tokens_at_end = state.num_input_tokens_seen
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            atomic_write_json(log_path, _summarise_log(state.log_history))
+
+    class QuietProgress(ProgressCallback):
+        """The Trainer's bar, with the loss as a postfix instead of one printed dict per step."""
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if self.training_bar is not None and logs:
+                post = {k: f"{logs[k]:.4g}" for k in ("loss", "eval_loss") if k in logs}
+                if post:
+                    self.training_bar.set_postfix(post, refresh=False)
+
+    return LogWriter(), (QuietProgress() if show_progress else None)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _training_dtype(model: nn.Module) -> torch.dtype:
+    """Never float16: a float16 model is moved to bfloat16 (GPU with bf16) or float32."""
+    dt = next(model.parameters()).dtype
+    if dt == torch.float16:
+        dev = next(model.parameters()).device
+        target = torch.bfloat16 if dev.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+        log.warning("model is float16; training in %s instead (float16 LoRA training gives NaN losses)", target)
+        model.to(target)
+        return target
+    return dt
+
+
+def _last_checkpoint(ckpt_dir: Path) -> str | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    if not ckpt_dir.is_dir():
+        return None
+    return get_last_checkpoint(str(ckpt_dir))
+
+
+def _read_json(path: Path) -> dict | None:
+    import json
+
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _first(xs: list[dict], key: str = "loss") -> float | None:
+    return xs[0][key] if xs else None
+
+
+def _last(xs: list[dict], key: str = "loss") -> float | None:
+    return xs[-1][key] if xs else None
+
+
+# ----------------------------------------------------------------------------- the stage
+
+
+def recover(
+    model_spec: str,
+    records: Sequence[Record],
+    out_dir: str | os.PathLike,
+    *,
+    template: str = "alpaca",
+    cutoff: int = 256,
+    r: int = 8,
+    alpha: int = 16,
+    dropout: float = 0.05,
+    lr: float = 1e-4,
+    epochs: float = 2,
+    batch_size: int = 4,
+    grad_accum: int = 1,
+    seed: int = 0,
+    val_fraction: float = 0.0,
+    val_records: Sequence[Record] | None = None,
+    save_steps: int = 100,
+    eval_steps: int | None = None,
+    resume: bool = True,
+    max_steps: int | None = None,
+    warmup: float = 0.03,
+    group_by_length: bool = False,
+    gradient_checkpointing: bool = False,
+    keep_checkpoints: bool = False,
+    show_progress: bool = True,
+    callbacks: Sequence[Any] = (),
+) -> dict:
+    """LoRA-recover `model_spec` on `records`; write adapter/, merged/, logs and a report into out_dir.
+
+    model_spec: anything `paser.io.models.load_model` accepts (embedded name, model directory).
+    epochs / max_steps: max_steps, when given, overrides epochs (Trainer semantics).
+    batch_size × grad_accum is the effective batch. warmup: a share of the steps (< 1) or a count.
+    val_fraction holds out that share of `records` (by `seed`); `val_records` gives the
+    validation set explicitly instead. Validation loss is logged every `eval_steps`
+    (default: about 10 evaluations per run) and before training starts.
+    resume: continue from the latest checkpoint in out_dir (only one written by the same run:
+    same model, data and hyper-parameters), and return the stored report at once when that
+    run already finished. resume=False starts over.
+    group_by_length batches records of similar length (less padding; a different data order).
+    callbacks: extra `transformers.TrainerCallback`s (tests use one to simulate a crash).
+    Returns the report that recovery_report.json holds.
+    """
+    from peft import LoraConfig, get_peft_model
+    from transformers import PrinterCallback, ProgressCallback, Trainer, TrainingArguments, set_seed
+
+    from paser.io.models import fingerprint_directory, load_model
+
+    if not records:
+        raise PaserError("recover: no records to train on")
+    if epochs <= 0 and not max_steps:
+        raise PaserError(f"recover: epochs must be > 0, got {epochs}")
+    for name, v in (("batch_size", batch_size), ("grad_accum", grad_accum), ("cutoff", cutoff), ("r", r), ("save_steps", save_steps)):
+        if v < 1:
+            raise PaserError(f"recover: {name} must be >= 1, got {v}")
+    if val_records is not None and val_fraction:
+        raise PaserError("recover: give either val_fraction or val_records, not both")
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt_dir = out / "checkpoints"
+
+    lm = load_model(model_spec)
+    model, tok = lm.model, lm.tokenizer
+    dtype = _training_dtype(model)
+    device = next(model.parameters()).device
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    if pad_id is None:
+        raise PaserError(f"{model_spec}: the tokenizer has neither a pad nor an EOS token")
+
+    if val_records is not None:
+        train_recs, val_recs = list(records), list(val_records)
+    else:
+        train_recs, val_recs = split_validation(records, val_fraction, seed)
+    train_ds = encode_records(train_recs, tok, template, cutoff)
+    val_ds: RecoveryDataset | None = encode_records(val_recs, tok, template, cutoff) if val_recs else None
+
+    target_regex, target_names = lora_target_modules(model)
+    steps_per_epoch = math.ceil(math.ceil(len(train_ds) / batch_size) / grad_accum)
+    total_steps = int(max_steps) if max_steps else math.ceil(steps_per_epoch * epochs)
+    if eval_steps is None:
+        eval_steps = max(1, total_steps // 10)
+
+    config = {
+        "template": template, "cutoff": cutoff, "r": r, "alpha": alpha, "dropout": dropout, "lr": lr,
+        "epochs": epochs, "batch_size": batch_size, "grad_accum": grad_accum, "seed": seed,
+        "max_steps": max_steps, "warmup": warmup, "group_by_length": group_by_length,
+        "val_fraction": val_fraction, "eval_steps": eval_steps, "target_modules": target_names,
+        "scheduler": "linear", "optimizer": "adamw_torch", "max_grad_norm": 1.0,
+    }  # fmt: skip
+    run_key = stable_hash(
+        {
+            "model": lm.fingerprint,
+            "train": train_ds.ids,
+            "val": val_ds.ids if val_ds else [],
+            "config": config,
+            "dtype": str(dtype),
+        }
+    )
+
+    # A finished run with the same key: its outputs are already there.
+    old = _read_json(out / REPORT_FILE)
+    if resume and old and old.get("run_key") == run_key and (out / "merged" / "config.json").exists():
+        log.info("recover: %s already holds this run's result; nothing to do", out)
+        return old
+
+    resume_from = None
+    if resume:
+        last = _last_checkpoint(ckpt_dir)
+        if last is not None:
+            owner = (_read_json(out / RUN_FILE) or {}).get("run_key")
+            if owner != run_key:
+                raise PaserError(
+                    f"{ckpt_dir} holds checkpoints of a different run (other model, data or settings); "
+                    "use another output directory, or resume=False (--no-resume) to start over"
+                )
+            resume_from = last
+    elif ckpt_dir.exists():
+        shutil.rmtree(ckpt_dir)
+    if resume_from is None:
+        (out / LOG_FILE).unlink(missing_ok=True)  # a fresh start: no curve of an earlier run mixed in
+    atomic_write_json(out / RUN_FILE, {"run_key": run_key, "model": model_spec, "config": config})
+
+    # Zero masks of the pruned weights, recorded before any adapter touches the model.
+    masks = sparsity_masks(model)
+    sparsity_before = linear_sparsity(model)
+
+    set_seed(seed)  # the LoRA A matrices are initialised randomly: make them reproducible
+    if hasattr(model.config, "use_cache"):
+        model.config.use_cache = False  # no KV cache during training (and no warning about it)
+    lora_cfg = LoraConfig(
+        r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_regex, bias="none", task_type="CAUSAL_LM"
+    )
+    peft_model = get_peft_model(model, lora_cfg)
+    if gradient_checkpointing:
+        peft_model.enable_input_require_grads()
+    n_trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+
+    args = TrainingArguments(
+        output_dir=str(ckpt_dir),
+        per_device_train_batch_size=batch_size,
+        per_device_eval_batch_size=batch_size,
+        gradient_accumulation_steps=grad_accum,
+        num_train_epochs=float(epochs) if epochs > 0 else 1.0,
+        max_steps=int(max_steps) if max_steps else -1,
+        learning_rate=lr,
+        lr_scheduler_type="linear",
+        warmup_steps=warmup,
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        optim="adamw_torch",
+        bf16=dtype == torch.bfloat16,  # autocast, so the float32 LoRA weights meet bf16 base weights
+        fp16=False,
+        seed=seed,
+        data_seed=seed,
+        logging_steps=1,
+        save_strategy="steps",
+        save_steps=save_steps,
+        save_total_limit=2,
+        eval_strategy="steps" if val_ds is not None else "no",
+        eval_steps=eval_steps if val_ds is not None else None,
+        train_sampling_strategy="group_by_length" if group_by_length else "random",
+        activation_checkpointing=gradient_checkpointing,
+        include_num_input_tokens_seen="non_padding",
+        remove_unused_columns=False,
+        label_names=["labels"],
+        report_to="none",
+        disable_tqdm=not show_progress,
+        dataloader_pin_memory=device.type == "cuda",
+        use_cpu=device.type == "cpu",
+    )
+    log_path = out / LOG_FILE
+    log_writer, progress = _make_callbacks(log_path, show_progress)
+    collator = ResponseCollator(pad_id, pad_to_multiple_of=8 if device.type == "cuda" else None)
+    trainer = Trainer(
+        model=peft_model,
+        args=args,
+        train_dataset=train_ds,
+        eval_dataset=val_ds,
+        data_collator=collator,
+        callbacks=[log_writer, *callbacks],
+    )
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    if progress is not None:
+        trainer.add_callback(progress)
+
+    if val_ds is not None and resume_from is None:
+        log_writer.initial_eval = trainer.evaluate()  # validation loss before training: step 0 of the curve
+
+    t0 = time.perf_counter()
+    step0 = 0
+    if resume_from is not None:
+        log.info("recover: resuming from %s", resume_from)
+        step0 = int(Path(resume_from).name.rsplit("-", 1)[-1])
+    trainer.train(resume_from_checkpoint=resume_from)
+    seconds = time.perf_counter() - t0
+    state = trainer.state
+    if val_ds is not None:
+        last_eval_step = max((h["step"] for h in state.log_history if "eval_loss" in h), default=-1)
+        if last_eval_step != state.global_step:
+            trainer.evaluate()  # the final validation loss, when the schedule did not end on one
+    curves = _summarise_log(state.log_history)
+    atomic_write_json(log_path, curves)
+
+    # Adapter, then the merged model (masks re-applied), each written whole or not at all.
+    adapter_dir = out / "adapter"
+    _save_dir(adapter_dir, lambda d: (peft_model.save_pretrained(d), tok.save_pretrained(d)))
+    merged, restored = merge_keep_sparsity(peft_model, masks)
+    if hasattr(merged.config, "use_cache"):
+        merged.config.use_cache = True
+    sparsity_after = linear_sparsity(merged)
+    merged_dir = out / "merged"
+
+    def _write_merged(d: Path) -> None:
+        merged.save_pretrained(d, safe_serialization=True)
+        tok.save_pretrained(d)
+        atomic_write_json(
+            d / "paser_model.json",
+            {"name": f"{lm.name}+lora", "fingerprint": fingerprint_directory(d), "recovered_from": lm.fingerprint},
+        )
+
+    _save_dir(merged_dir, _write_merged)
+
+    steps_now = state.global_step - step0
+    tokens_now = log_writer.tokens_at_end - log_writer.tokens_at_begin
+    report = {
+        "run_key": run_key,
+        "model": model_spec,
+        "model_fingerprint": lm.fingerprint,
+        "device": str(device),
+        "dtype": str(dtype).replace("torch.", ""),
+        "config": config,
+        "trainable_parameters": n_trainable,
+        "data": {
+            "records": len(records),
+            "train_examples": len(train_ds),
+            "val_examples": len(val_ds) if val_ds else 0,
+            "dropped_no_response": len(train_recs) - len(train_ds) + (len(val_recs) - len(val_ds) if val_ds else 0),
+            "tokens_per_epoch": train_ds.n_tokens,
+            "response_tokens_per_epoch": train_ds.n_response_tokens,
+        },
+        "training": {
+            "steps": state.global_step,
+            "epochs": state.epoch,
+            "resumed_from_step": step0 if resume_from else None,
+            "tokens_seen": state.num_input_tokens_seen,  # prompt + response, no padding
+            "response_tokens_trained": round(train_ds.n_response_tokens * (state.epoch or 0)),
+            "seconds": seconds,  # this call (after a resume: the resumed part only)
+            "seconds_per_step": seconds / steps_now if steps_now else None,
+            "tokens_per_second": tokens_now / seconds if seconds > 0 else None,
+        },
+        "loss": {
+            "initial_train": _first(curves["train"]),
+            "final_train": _last(curves["train"]),
+            "initial_val": _first(curves["val"]),
+            "final_val": _last(curves["val"]),
+        },
+        "sparsity": {
+            "before": sparsity_before["sparsity"],
+            "after_merge": sparsity_after["sparsity"],
+            "masked_modules": len(masks),
+            "entries_reset_to_zero": restored,  # what a plain merge would have filled in
+        },
+        "paths": {"adapter": str(adapter_dir), "merged": str(merged_dir), "training_log": str(log_path)},
+    }
+    atomic_write_json(out / REPORT_FILE, report)
+    if not keep_checkpoints and ckpt_dir.exists():
+        shutil.rmtree(ckpt_dir)
+    return report
+
+
+def _save_dir(target: Path, write) -> None:
+    """Write a directory beside `target`, then swap it in: a crash never leaves half a model."""
+    tmp = target.with_name(target.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    write(tmp)
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(tmp, target)

@@ -1,0 +1,239 @@
+"""The experiment report: a table shaped like the paper's Table 1, plots, costs and provenance,
+as Markdown and as a self-contained HTML page (plots embedded as base64 PNGs)."""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from paser.io.cache import atomic_write_text
+
+TASK_LABELS = {
+    "boolq": "BoolQ",
+    "piqa": "PIQA",
+    "hellaswag": "HellaS.",
+    "winogrande": "WinoG.",
+    "arc_easy": "ARC-e",
+    "arc_challenge": "ARC-c",
+    "openbookqa": "OBQA",
+}
+
+
+def _metric(results: dict | None, task: str, key: str) -> tuple[float, float] | None:
+    if not results:
+        return None
+    r = results.get("results", {}).get(task)
+    if r is None:
+        return None
+    if task == "heldout":
+        cap = r.get("capabilities", {}).get(key)
+        return (cap["loss"], cap.get("loss_stderr", float("nan"))) if cap else None
+    if key == "ppl":
+        return r["ppl"], float("nan")
+    return r[key], r.get(f"{key}_stderr", float("nan"))
+
+
+def _agg(values: list[tuple[float, float]]) -> tuple[float, float, int]:
+    """One value: (value, its stderr, 1). Several seeds: (mean, std over seeds, n)."""
+    if len(values) == 1:
+        return values[0][0], values[0][1], 1
+    v = np.array([x[0] for x in values], dtype=float)
+    return float(v.mean()), float(v.std(ddof=1)), len(v)
+
+
+def _columns(rows: list[dict]) -> list[tuple[str, str, str, float]]:
+    """(label, task, key, scale) for every metric some row has."""
+    present: set[str] = set()
+    caps: list[str] = []
+    for row in rows:
+        res = (row.get("results") or {}).get("results", {})
+        present |= set(res)
+        if "heldout" in res:
+            for c in res["heldout"].get("capabilities", {}):
+                if c not in caps:
+                    caps.append(c)
+    cols = []
+    for t, lab in (("wikitext2", "WikiText-2 PPL"), ("ptb", "PTB PPL")):
+        if t in present:
+            cols.append((lab, t, "ppl", 1.0))
+    for c in caps:
+        cols.append((f"held-out loss {c}", "heldout", c, 1.0))
+    for t, lab in TASK_LABELS.items():
+        if t in present:
+            cols.append((lab, t, "acc", 100.0))
+    return cols
+
+
+def build_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
+    cols = _columns(rows)
+    acc_tasks = [c[1] for c in cols if c[2] == "acc"]
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["method"], row.get("budget")), []).append(row)
+    header = ["Method", "Budget", "Seeds"] + [c[0] for c in cols] + (["Mean acc"] if acc_tasks else [])
+    body = []
+    for (method, budget), rs in groups.items():
+        ok = [r for r in rs if r.get("results")]
+        cells = [method, "-" if budget is None else str(budget), str(len(ok)) if budget is not None else "-"]
+        if not ok:
+            body.append(cells + ["failed"] * (len(header) - 3))
+            continue
+        for _, task, key, scale in cols:
+            vals = [m for m in (_metric(r["results"], task, key) for r in ok) if m is not None]
+            cells.append(_fmt(_agg(vals), scale) if vals else "-")
+        if acc_tasks:
+            means = [(float(np.mean([_metric(r["results"], t, "acc")[0] for t in acc_tasks])), float("nan")) for r in ok]
+            if len(ok) == 1:  # stderr of a mean of independent task means
+                ses = [_metric(ok[0]["results"], t, "acc")[1] for t in acc_tasks]
+                means = [(means[0][0], math.sqrt(sum(s * s for s in ses)) / len(ses))]
+            cells.append(_fmt(_agg(means), 100.0))
+        body.append(cells)
+    return header, body
+
+
+def _fmt(v: tuple[float, float, int], scale: float) -> str:
+    mean, err, _ = v
+    if scale == 1.0 and mean > 20:
+        s = f"{mean:.1f}"
+        return s + (f" ± {err:.1f}" if not math.isnan(err) else "")
+    digits = 1 if scale == 100.0 else 3
+    s = f"{mean * scale:.{digits}f}"
+    return s + (f" ± {err * scale:.{digits}f}" if not math.isnan(err) else "")
+
+
+def markdown_table(header: list[str], body: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in body]
+    return "\n".join(lines)
+
+
+def _plot_vs_budget(rows: list[dict], path: Path) -> bool:
+    """Mean accuracy and WikiText-2 perplexity against budget, one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by: dict[str, dict[float, list[dict]]] = {}
+    for r in rows:
+        if r.get("budget") is None or not r.get("results"):
+            continue
+        try:
+            b = float(r["budget"])
+        except ValueError:
+            continue
+        by.setdefault(r["method"], {}).setdefault(b, []).append(r["results"])
+    if not by:
+        return False
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    refs = {r["method"]: r["results"] for r in rows if r.get("budget") is None and r.get("results")}
+    for method, pts in sorted(by.items()):
+        bs = sorted(pts)
+        accs, ppls = [], []
+        for b in bs:
+            summ = [res.get("summary", {}) for res in pts[b]]
+            accs.append(np.mean([s.get("mean_acc", np.nan) for s in summ]) * 100)
+            ppls.append(np.mean([s.get("wikitext2_ppl", np.nan) for s in summ]))
+        axes[0].plot(bs, accs, "o-", label=method)
+        axes[1].plot(bs, ppls, "o-", label=method)
+    for name, res in refs.items():
+        s = res.get("summary", {})
+        if "mean_acc" in s:
+            axes[0].axhline(s["mean_acc"] * 100, ls="--", lw=1, color="grey")
+            axes[0].annotate(name, (axes[0].get_xlim()[0], s["mean_acc"] * 100), fontsize=7, color="grey")
+        if "wikitext2_ppl" in s:
+            axes[1].axhline(s["wikitext2_ppl"], ls="--", lw=1, color="grey")
+            axes[1].annotate(name, (axes[1].get_xlim()[0], s["wikitext2_ppl"]), fontsize=7, color="grey")
+    axes[0].set(xlabel="budget", ylabel="mean accuracy (%)", title="7-task mean accuracy")
+    axes[1].set(xlabel="budget", ylabel="perplexity", title="WikiText-2 perplexity (lower is better)")
+    for ax in axes:
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    from paser.io.cache import atomic_write_bytes
+
+    atomic_write_bytes(path, buf.getvalue())
+    return True
+
+
+def write_experiment_report(summary: dict, root: Path) -> tuple[str, Path]:
+    """Writes report.md and report.html under root; returns (the table as text, html path)."""
+    rows = summary["rows"]
+    header, body = build_table(rows)
+    table = markdown_table(header, body)
+    plots: list[tuple[str, Path]] = []
+    if _plot_vs_budget(rows, root / "metrics_vs_budget.png"):
+        plots.append(("Accuracy and perplexity against budget", root / "metrics_vs_budget.png"))
+    for label, sel in summary.get("selections", {}).items():
+        if label.startswith("paser"):
+            d = Path(sel["dir"])
+            for name, title in (("cluster_map.png", "Cluster map (PASER, coloured by CDS)"), ("budget_per_cluster.png", "Budget per cluster (PASER)")):
+                if (d / name).exists():
+                    plots.append((f"{title}: {label}", d / name))
+            break
+
+    costs = summary.get("costs_s", {})
+    cost_lines = [f"- {k}: {v:.1f} s" for k, v in costs.items()]
+    for label, sel in summary.get("selections", {}).items():
+        tok = sel.get("tokens_scored")
+        cost_lines.append(f"- select {label}: {sel.get('seconds') or 0:.1f} s" + (f", {tok:,} tokens scored" if tok else ""))
+    env = summary.get("environment", {})
+    eval_cfg = summary["config"].get("evaluate", {})
+    md = [
+        "# paser experiment report",
+        "",
+        f"Pruned model: `{summary['pruned_model']}`. Evaluation: {json.dumps(eval_cfg)} "
+        "(accuracies in %, ± standard error for one seed, ± std over seeds for several; perplexity: windows of "
+        f"{eval_cfg.get('ppl_window', 512)} tokens over the first {eval_cfg.get('ppl_tokens', 16384)} tokens).",
+        "",
+        table,
+        "",
+        "## Costs",
+        *cost_lines,
+        "",
+    ]
+    if summary.get("failures"):
+        md += ["## Failed stages", *[f"- {f['stage']}: {f['error']}" for f in summary["failures"]], ""]
+    md += ["## Plots", *[f"![{t}]({p.relative_to(root) if p.is_relative_to(root) else p})" for t, p in plots], ""]
+    md += ["## Configuration", "```json", json.dumps(summary["config"], indent=2), "```", "", "## Environment", "```json", json.dumps(env, indent=2), "```"]
+    atomic_write_text(root / "report.md", "\n".join(md) + "\n")
+
+    def img(p: Path) -> str:
+        return "data:image/png;base64," + base64.b64encode(p.read_bytes()).decode()
+
+    th = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    trs = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in body)
+    figs = "".join(f'<figure><img src="{img(p)}" alt="{html.escape(t)}"><figcaption>{html.escape(t)}</figcaption></figure>' for t, p in plots)
+    page = f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>paser experiment report</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 2rem; color: #222; max-width: 1400px; }}
+table {{ border-collapse: collapse; font-size: 0.85rem; }}
+th, td {{ border: 1px solid #ccc; padding: 4px 8px; text-align: right; }}
+th {{ background: #f0f3f8; }} td:first-child, th:first-child {{ text-align: left; }}
+figure {{ display: inline-block; margin: 1rem; vertical-align: top; }} img {{ max-width: 640px; border: 1px solid #ddd; }}
+pre {{ background: #f7f7f7; padding: 1rem; overflow-x: auto; font-size: 0.8rem; }}
+</style></head><body>
+<h1>paser experiment report</h1>
+<p>Pruned model: <code>{html.escape(summary['pruned_model'])}</code>. Evaluation: <code>{html.escape(json.dumps(eval_cfg))}</code>.
+Accuracies in %, ± standard error (one seed) or ± std over seeds.</p>
+<table><thead><tr>{th}</tr></thead><tbody>{trs}</tbody></table>
+<h2>Costs</h2><pre>{html.escape(chr(10).join(cost_lines))}</pre>
+{"<h2>Failed stages</h2><pre>" + html.escape(chr(10).join(f['stage'] + ': ' + f['error'] for f in summary['failures'])) + "</pre>" if summary.get('failures') else ""}
+<h2>Plots</h2>{figs}
+<h2>Configuration</h2><pre>{html.escape(json.dumps(summary['config'], indent=2))}</pre>
+<h2>Environment</h2><pre>{html.escape(json.dumps(env, indent=2))}</pre>
+</body></html>
+"""
+    atomic_write_text(root / "report.html", page)
+    return table, root / "report.html"

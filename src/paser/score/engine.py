@@ -1,0 +1,683 @@
+"""The one scoring engine: teacher-forced, length-bucketed forward passes with resumable caches.
+
+PASER's capability degradation (CDAIS, METHOD.md §2) and the IFD baseline both need, per
+sample, a statistic of the response tokens under teacher forcing. The reference code ran
+each model per sample at batch size 1 (twice), over every position. This engine instead:
+
+- encodes every record once with the shared template (`paser.io.templates.encode_example`),
+- sorts samples by length and packs them into batches under a token budget, right-padded
+  only to the longest sample in the batch (so padding waste is small),
+- runs each model's decoder once per batch and applies the LM head only at the positions
+  that predict response tokens, a chunk of tokens at a time (bounded memory),
+- caches the ORIGINAL model's final hidden states (the LM head's input) at those positions,
+  so scoring a second or third pruned variant costs one pruned forward plus one small
+  matmul for the original, never a second original forward,
+- writes results to parquet shards every few batches (atomically), so a killed run resumes
+  where it stopped and ends with identical numbers,
+- takes `rank`/`world_size` so several processes can share one cache.
+
+Batch independence. With right padding, causal attention and an attention mask, a sample's
+real tokens never see padding, so its score does not depend on its batch mates except
+through floating-point reduction order (different GEMM shapes). The tests bound that at
+~1e-6 in JSD (float32). Within one cache, batches are formed from the full, sorted list of
+the rank's samples (not from what is left to do), so a resumed run recomputes exactly the
+batches it lost and reproduces the uninterrupted run bit for bit.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from paser.errors import ModelError, PaserError
+from paser.io.cache import ShardStore, atomic_write_bytes, default_cache_dir, stable_hash
+from paser.io.records import Record
+from paser.io.templates import EncodedExample, encode_example
+from paser.score.divergence import gather_response, segment_mean, token_jsd_and_nll, token_nll
+
+log = logging.getLogger(__name__)
+
+ENGINE_VERSION = 1  # bump when a change alters cached numbers
+_HIDDEN_DTYPES = {"float32": np.float32, "float16": np.float16}
+
+
+# ----------------------------------------------------------------------------- results
+
+
+@dataclass
+class EngineStats:
+    """What one call actually computed (the rest came from the cache)."""
+
+    samples_total: int = 0
+    samples_cached: int = 0
+    samples_scored: int = 0
+    batches: int = 0
+    tokens: int = 0  # prompt + response tokens of the scored samples
+    original_forward_samples: int = 0  # samples the original model ran a forward for
+    seconds: float = 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else float("nan")
+
+
+@dataclass
+class DegradationScores:
+    """Per-record capability degradation, one row per input record (input order).
+
+    jsd: mean over response tokens of JSD(P_original ‖ P_pruned) (the paper's JSD_i).
+    nll_pruned / nll_original: mean response NLL, loss(y|x), of each model (byproducts).
+    Rows not yet scored (another rank's share, world_size > 1) hold NaN; see `complete`.
+    """
+
+    ids: list[str]
+    jsd: np.ndarray
+    nll_pruned: np.ndarray
+    nll_original: np.ndarray
+    n_response: np.ndarray
+    n_prompt: np.ndarray
+    stats: EngineStats = field(default_factory=EngineStats)
+
+    @property
+    def complete(self) -> bool:
+        return not bool(np.isnan(self.jsd).any())
+
+    def as_dict(self) -> dict[str, tuple[float, int, int]]:
+        """id → (jsd_mean, n_response_tokens, n_prompt_tokens)."""
+        return {
+            i: (float(j), int(r), int(p)) for i, j, r, p in zip(self.ids, self.jsd, self.n_response, self.n_prompt)
+        }
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+@dataclass
+class LossScores:
+    """Per-record mean response NLL: loss(y|x) when conditioned on the prompt, else loss(y)."""
+
+    ids: list[str]
+    nll: np.ndarray
+    n_response: np.ndarray
+    n_prompt: np.ndarray  # tokens before the response in the scored sequence (1 for loss(y))
+    conditioned: bool
+    stats: EngineStats = field(default_factory=EngineStats)
+
+    @property
+    def complete(self) -> bool:
+        return not bool(np.isnan(self.nll).any())
+
+    def as_dict(self) -> dict[str, float]:
+        return {i: float(v) for i, v in zip(self.ids, self.nll)}
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+# ----------------------------------------------------------------------------- encoding & batching
+
+
+@dataclass(frozen=True)
+class _Item:
+    id: str
+    input_ids: tuple[int, ...]
+    n_prompt: int
+
+    @property
+    def length(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def n_response(self) -> int:
+        return len(self.input_ids) - self.n_prompt
+
+
+def encode_records(
+    records: Sequence[Record], tokenizer, template: str, cutoff: int, condition_on_prompt: bool = True
+) -> list[_Item]:
+    """One item per distinct record id, encoded with the shared template.
+
+    Unconditioned (loss(y), for IFD) keeps exactly the response tokens that the conditioned
+    encoding keeps, after one start token, so loss(y|x) and loss(y) average the same tokens.
+    """
+    items: dict[str, _Item] = {}
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    for rec in records:
+        if rec.id in items:
+            continue
+        try:
+            enc: EncodedExample = encode_example(rec, tokenizer, template=template, cutoff=cutoff)
+        except ValueError as e:  # unknown template, chat template missing
+            raise PaserError(str(e)) from None
+        if condition_on_prompt:
+            items[rec.id] = _Item(rec.id, tuple(enc.input_ids), enc.n_prompt)
+        else:
+            if start is None:
+                raise PaserError("scoring loss(y) without a prompt needs a tokenizer with a BOS or EOS token")
+            items[rec.id] = _Item(rec.id, (int(start),) + tuple(enc.input_ids[enc.n_prompt :]), 1)
+    return list(items.values())
+
+
+def rank_share(items: Sequence[_Item], rank: int = 0, world_size: int = 1) -> list[_Item]:
+    """Sort by (length, id) and keep every world_size-th item from `rank`.
+
+    The order depends only on the items, never on what is cached, so every rank agrees on
+    the split and a resumed run sees the same batches.
+    """
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise PaserError(f"rank must be in [0, world_size); got rank={rank}, world_size={world_size}")
+    ordered = sorted(items, key=lambda it: (it.length, it.id))
+    return ordered[rank::world_size]
+
+
+def plan_batches(lengths: Sequence[int], max_batch_tokens: int = 4096, max_batch_size: int = 256) -> list[tuple[int, int]]:
+    """Greedy [start, end) batches over ascending `lengths` with padded size ≤ max_batch_tokens.
+
+    Because lengths ascend, a batch's padded size is (count × its last length); a sample
+    longer than the budget gets a batch of its own.
+    """
+    out: list[tuple[int, int]] = []
+    s = 0
+    n = len(lengths)
+    while s < n:
+        e = s + 1
+        while e < n and e - s < max_batch_size and (e - s + 1) * lengths[e] <= max_batch_tokens:
+            e += 1
+        out.append((s, e))
+        s = e
+    return out
+
+
+def _collate(batch: Sequence[_Item], pad_id: int, device: torch.device):
+    L = max(it.length for it in batch)
+    ids = torch.full((len(batch), L), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(batch), L), dtype=torch.long)
+    for b, it in enumerate(batch):
+        ids[b, : it.length] = torch.tensor(it.input_ids, dtype=torch.long)
+        mask[b, : it.length] = 1
+    lengths = torch.tensor([it.length for it in batch])
+    n_prompt = torch.tensor([it.n_prompt for it in batch])
+    return ids.to(device), mask.to(device), lengths, n_prompt
+
+
+# ----------------------------------------------------------------------------- model view
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """A peft PeftModel wraps the causal LM; score through the wrapped model (adapters active)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+class _ModelView:
+    """A causal LM split into decoder (→ final hidden states) and LM head (→ logits).
+
+    Running the head only where a response token is predicted saves most of the head's cost,
+    and the split is what lets the original's hidden states be cached and its logits
+    recomputed exactly. `verify` checks the split against the model's own forward once; a
+    model whose logits need more than head + final soft-capping falls back to full forwards.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+        base = _unwrap(model)
+        self.decoder = base.get_decoder() if hasattr(base, "get_decoder") else getattr(base, base.base_model_prefix)
+        self.head = base.get_output_embeddings()
+        if self.head is None or self.decoder is base:
+            raise ModelError(f"{type(base).__name__} has no separate decoder and LM head to score with")
+        cfg = base.config
+        text_cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+        cap = getattr(text_cfg, "final_logit_softcapping", None) or getattr(cfg, "final_logit_softcapping", None)
+        self.softcap = float(cap) if cap else None
+        p = next(model.parameters())
+        self.device, self.dtype = p.device, p.dtype
+        self.direct = False  # True: the split failed verification; use model(...).logits
+        self.verified = False
+
+    def hidden(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """[B, L, H] final hidden states (or [B, L, V] logits in direct mode)."""
+        if self.direct:
+            return self.model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits
+        return self.decoder(input_ids=input_ids, attention_mask=mask, use_cache=False).last_hidden_state
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.direct:
+            return hidden
+        out = self.head(hidden.to(self.dtype))
+        if self.softcap is not None:  # Gemma 2/3: logits = cap · tanh(logits / cap)
+            out = torch.tanh(out / self.softcap) * self.softcap
+        return out
+
+    def verify(self, item: _Item) -> float:
+        """Max |split − direct| logit difference on one sample; switches to direct mode if large."""
+        ids = torch.tensor([item.input_ids], device=self.device)
+        mask = torch.ones_like(ids)
+        direct = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits[0].float()
+        split = self.logits(self.hidden(ids, mask)[0]).float()
+        err = float((direct - split).abs().max())
+        tol = (1e-3 if self.dtype == torch.float32 else 5e-2) * (1.0 + float(direct.abs().max()))
+        if not math.isfinite(err) or err > tol:
+            log.warning(
+                "%s: decoder + LM head does not reproduce the model's logits (max diff %.3g); "
+                "scoring with full forwards, without the hidden-state cache",
+                type(_unwrap(self.model)).__name__,
+                err,
+            )
+            self.direct = True
+        self.verified = True
+        return err
+
+
+# ----------------------------------------------------------------------------- hidden-state cache
+
+
+class HiddenCache:
+    """The original model's final hidden states at response-predicting positions, per record.
+
+    Stored as .npy blobs (one per flush, memory-mapped on read) plus a parquet index in a
+    ShardStore (id, file, offset, n). The blob is written before its index shard, so a kill
+    between the two leaves only an unreferenced file. ~576 floats per response token for
+    SmolLM2.
+    """
+
+    def __init__(self, root: Path, dtype: str = "float32", meta: dict | None = None):
+        self.np_dtype = _HIDDEN_DTYPES[dtype]
+        self.store = ShardStore(root, meta=meta)
+        self.root = self.store.root
+        cols = self.store.read()
+        self.index: dict[str, tuple[str, int, int]] = {}
+        if cols:
+            for i, f, o, n in zip(cols["id"], cols["file"], cols["offset"], cols["n"]):
+                self.index[str(i)] = (str(f), int(o), int(n))
+        self._maps: dict[str, np.ndarray] = {}
+        self._pending: list[tuple[str, np.ndarray]] = []
+
+    def get(self, item_id: str, n: int) -> np.ndarray | None:
+        hit = self.index.get(item_id)
+        if hit is None or hit[2] != n:
+            return None
+        f, o, _ = hit
+        arr = self._maps.get(f)
+        if arr is None:
+            arr = self._maps[f] = np.load(self.root / f, mmap_mode="r")
+        return np.asarray(arr[o : o + n])
+
+    def round(self, hidden: torch.Tensor) -> torch.Tensor:
+        """What a cache round trip does to `hidden`: fresh and cached values must agree exactly."""
+        if self.np_dtype == np.float16:
+            return hidden.to(torch.float16).to(hidden.dtype)
+        return hidden
+
+    def put(self, item_id: str, hidden: torch.Tensor) -> None:
+        self._pending.append((item_id, hidden.detach().to("cpu", torch.float32).numpy().astype(self.np_dtype)))
+
+    def flush(self, rank: int = 0) -> None:
+        if not self._pending:
+            return
+        blob = np.concatenate([h for _, h in self._pending], axis=0)
+        name = f"hid-r{rank:03d}-{stable_hash([i for i, _ in self._pending], 12)}-{time.time_ns() % 10**9:09d}.npy"
+        buf = io.BytesIO()
+        np.save(buf, blob, allow_pickle=False)
+        atomic_write_bytes(self.root / name, buf.getvalue())
+        offs = np.cumsum([0] + [len(h) for _, h in self._pending])[:-1]
+        cols = {
+            "id": [i for i, _ in self._pending],
+            "file": [name] * len(self._pending),
+            "offset": offs.astype(np.int64),
+            "n": np.array([len(h) for _, h in self._pending], dtype=np.int64),
+        }
+        self.store.append(cols, rank=rank)
+        for (i, h), o in zip(self._pending, offs):
+            self.index[i] = (name, int(o), len(h))
+        self._pending = []
+
+
+# ----------------------------------------------------------------------------- the driver
+
+
+def _tokenizer_key(tokenizer) -> str:
+    vocab = sorted(tokenizer.get_vocab().items()) if hasattr(tokenizer, "get_vocab") else []
+    return stable_hash([vocab, tokenizer.bos_token_id, tokenizer.eos_token_id, getattr(tokenizer, "chat_template", None)])
+
+
+def _pad_id(tokenizer) -> int:
+    for t in (getattr(tokenizer, "pad_token_id", None), tokenizer.eos_token_id, 0):
+        if t is not None:
+            return int(t)
+    return 0
+
+
+BatchFn = Callable[[list[_Item]], dict[str, np.ndarray]]
+
+
+def _drive(
+    items: list[_Item],
+    store: ShardStore,
+    batch_fn: BatchFn,
+    *,
+    max_batch_tokens: int,
+    max_batch_size: int,
+    flush_every: int,
+    rank: int,
+    world_size: int,
+    desc: str,
+    progress: bool,
+    before_flush: Callable[[], None] | None = None,
+) -> EngineStats:
+    """Score this rank's share batch by batch, skipping batches already in `store`.
+
+    `batch_fn` returns columns (including "id") for every item of a batch; only rows not yet
+    in the store are kept. Pending rows are appended as one shard every `flush_every`
+    batches and at the end (`before_flush` runs first: the hidden cache writes its blobs).
+    """
+    from tqdm.auto import tqdm
+
+    share = rank_share(items, rank, world_size)
+    done = store.done_ids()
+    stats = EngineStats(samples_total=len(share), samples_cached=sum(it.id in done for it in share))
+    todo_batches = [
+        (s, e)
+        for s, e in plan_batches([it.length for it in share], max_batch_tokens, max_batch_size)
+        if any(share[k].id not in done for k in range(s, e))
+    ]
+    pending: dict[str, list] = {}
+    n_pending_batches = 0
+
+    def flush() -> None:
+        nonlocal pending, n_pending_batches
+        if before_flush is not None:
+            before_flush()
+        if pending and pending["id"]:
+            store.append({k: (v if k == "id" else np.asarray(v)) for k, v in pending.items()}, rank=rank)
+        pending, n_pending_batches = {}, 0
+
+    t0 = time.perf_counter()
+    bar = tqdm(
+        total=len(share) - stats.samples_cached, desc=desc, unit="sample", disable=not progress, dynamic_ncols=True
+    )
+    try:
+        with torch.inference_mode():
+            for s, e in todo_batches:
+                batch = share[s:e]
+                cols = batch_fn(batch)
+                keep = [k for k, it in enumerate(batch) if it.id not in done]
+                for name, values in cols.items():
+                    pending.setdefault(name, []).extend(np.asarray(values)[keep].tolist())
+                stats.batches += 1
+                stats.samples_scored += len(keep)
+                stats.tokens += sum(batch[k].length for k in keep)
+                n_pending_batches += 1
+                if n_pending_batches >= flush_every:
+                    flush()
+                bar.update(len(keep))
+                el = time.perf_counter() - t0
+                bar.set_postfix_str(f"{stats.tokens / max(el, 1e-9):,.0f} tok/s")
+            flush()
+    finally:
+        bar.close()
+    stats.seconds = time.perf_counter() - t0
+    return stats
+
+
+def _gather_results(
+    records: Sequence[Record], store: ShardStore, columns: list[str], items: list[_Item]
+) -> dict[str, np.ndarray]:
+    """Cached columns in the order of `records`; NaN / -1 where a row is not (yet) scored."""
+    cols = store.read()
+    n = len(records)
+    out: dict[str, np.ndarray] = {c: np.full(n, np.nan) for c in columns}
+    by_item = {it.id: it for it in items}
+    out["n_response"] = np.array([by_item[r.id].n_response for r in records], dtype=np.int64)
+    out["n_prompt"] = np.array([by_item[r.id].n_prompt for r in records], dtype=np.int64)
+    if cols:
+        pos = {str(i): k for k, i in enumerate(cols["id"])}
+        for j, r in enumerate(records):
+            k = pos.get(r.id)
+            if k is not None:
+                for c in columns:
+                    out[c][j] = cols[c][k]
+    return out
+
+
+def _response_hidden(view: _ModelView, ids, mask, lengths, n_prompt) -> tuple[torch.Tensor, torch.Tensor]:
+    h = view.hidden(ids, mask)
+    return gather_response(h, ids, lengths, n_prompt)
+
+
+def score_degradation(
+    original,
+    pruned,
+    records: Sequence[Record],
+    template: str = "alpaca",
+    cutoff: int = 256,
+    cache_dir: str | Path | None = None,
+    *,
+    tokenizer=None,
+    max_batch_tokens: int = 4096,
+    max_batch_size: int = 256,
+    chunk: int = 256,
+    flush_every: int = 8,
+    rank: int = 0,
+    world_size: int = 1,
+    reuse_original: bool = True,
+    hidden_dtype: str = "float32",
+    progress: bool = True,
+) -> DegradationScores:
+    """Per-sample capability degradation JSD_i of `pruned` against `original` (CDAIS, Eq. 5).
+
+    original, pruned: `paser.io.models.LoadedModel`s sharing one tokenizer. Each record is
+    encoded with `template` and `cutoff` (as recovery training does) and teacher-forced
+    through both models; JSD_i is the mean over its response tokens of the full-vocabulary
+    token JSD. Results are cached under `cache_dir` keyed by both fingerprints, template,
+    cutoff and tokenizer; the original's hidden states are cached by its fingerprint alone
+    (`reuse_original`), so further pruned variants never rerun the original.
+
+    With world_size > 1 each rank scores its share into the shared cache and returns what
+    the cache holds so far (NaN elsewhere); call again with world_size=1 once all ranks are
+    done to read (and complete) the full table.
+    """
+    from paser.io.models import check_same_tokenizer
+
+    if hidden_dtype not in _HIDDEN_DTYPES:
+        raise PaserError(f"hidden_dtype must be one of {', '.join(_HIDDEN_DTYPES)}, got {hidden_dtype!r}")
+    tok = tokenizer if tokenizer is not None else original.tokenizer
+    if tokenizer is None and pruned.tokenizer is not None and pruned.tokenizer is not original.tokenizer:
+        check_same_tokenizer(original.tokenizer, pruned.tokenizer)
+    cache_root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    items = encode_records(records, tok, template, cutoff)
+    tkey = _tokenizer_key(tok)
+    key = {
+        "kind": "degradation",
+        "original": original.fingerprint,
+        "pruned": pruned.fingerprint,
+        "template": template,
+        "cutoff": cutoff,
+        "tokenizer": tkey,
+        "hidden_dtype": hidden_dtype if reuse_original else "none",
+        "version": ENGINE_VERSION,
+    }
+    store = ShardStore(cache_root / "scores" / "degradation" / stable_hash(key), meta=key)
+    view_o, view_p = _ModelView(original.model), _ModelView(pruned.model)
+    for m in (original.model, pruned.model):
+        m.eval()
+
+    hidden_cache: HiddenCache | None = None
+    stats_extra = {"original_forward_samples": 0}
+    pad = _pad_id(tok)
+
+    def prepare() -> None:
+        nonlocal hidden_cache
+        shortest = min(items, key=lambda it: (it.length, it.id))
+        with torch.inference_mode():
+            for v in (view_o, view_p):
+                if not v.verified:
+                    v.verify(shortest)
+        if reuse_original and not view_o.direct:
+            hkey = {
+                "kind": "final_hidden",
+                "original": original.fingerprint,
+                "template": template,
+                "cutoff": cutoff,
+                "tokenizer": tkey,
+                "dtype": hidden_dtype,
+                "version": ENGINE_VERSION,
+            }
+            hidden_cache = HiddenCache(cache_root / "scores" / "final_hidden" / stable_hash(hkey), hidden_dtype, meta=hkey)
+
+    def batch_fn(batch: list[_Item]) -> dict[str, np.ndarray]:
+        ids, mask, lengths, n_prompt = _collate(batch, pad, view_p.device)
+        counts = [it.n_response for it in batch]
+        cached = [hidden_cache.get(it.id, it.n_response) for it in batch] if hidden_cache is not None else None
+        if cached is not None and all(c is not None for c in cached):
+            h_o = torch.from_numpy(np.concatenate(cached, axis=0)).to(view_o.device, torch.float32)
+        else:
+            h_o, _ = _response_hidden(view_o, ids.to(view_o.device), mask.to(view_o.device), lengths, n_prompt)
+            stats_extra["original_forward_samples"] += len(batch)
+            if hidden_cache is not None:
+                h_o = hidden_cache.round(h_o.float())
+                offs = np.cumsum([0] + counts)
+                for k, it in enumerate(batch):
+                    if cached[k] is None:
+                        hidden_cache.put(it.id, h_o[offs[k] : offs[k + 1]])
+        h_p, targets = _response_hidden(view_p, ids, mask, lengths, n_prompt)
+        N = h_p.shape[0]
+        jsd = torch.empty(N, dtype=torch.float32)
+        nll_o = torch.empty(N, dtype=torch.float32)
+        nll_p = torch.empty(N, dtype=torch.float32)
+        for s in range(0, N, chunk):
+            e = min(N, s + chunk)
+            lo = view_o.logits(h_o[s:e])
+            lp = view_p.logits(h_p[s:e]).to(lo.device)
+            j, no, npr = token_jsd_and_nll(lo, lp, targets[s:e].to(lo.device), chunk=chunk)
+            jsd[s:e], nll_o[s:e], nll_p[s:e] = j.cpu(), no.cpu(), npr.cpu()
+        return {
+            "id": np.array([it.id for it in batch], dtype=object),
+            "jsd": segment_mean(jsd, counts).numpy(),
+            "nll_original": segment_mean(nll_o, counts).numpy(),
+            "nll_pruned": segment_mean(nll_p, counts).numpy(),
+            "n_response": np.array(counts, dtype=np.int64),
+            "n_prompt": np.array([it.n_prompt for it in batch], dtype=np.int64),
+        }
+
+    share_done = store.done_ids()
+    if any(it.id not in share_done for it in rank_share(items, rank, world_size)) and items:
+        prepare()
+    stats = _drive(
+        items,
+        store,
+        batch_fn,
+        max_batch_tokens=max_batch_tokens,
+        max_batch_size=max_batch_size,
+        flush_every=flush_every,
+        rank=rank,
+        world_size=world_size,
+        desc=f"degradation ({pruned.name or 'pruned'})",
+        progress=progress,
+        before_flush=lambda: hidden_cache.flush(rank) if hidden_cache is not None else None,
+    )
+    stats.original_forward_samples = stats_extra["original_forward_samples"]
+    cols = _gather_results(records, store, ["jsd", "nll_pruned", "nll_original"], items)
+    out = DegradationScores(
+        ids=[r.id for r in records],
+        jsd=cols["jsd"],
+        nll_pruned=cols["nll_pruned"],
+        nll_original=cols["nll_original"],
+        n_response=cols["n_response"],
+        n_prompt=cols["n_prompt"],
+        stats=stats,
+    )
+    if world_size == 1 and not out.complete:  # pragma: no cover - would be an engine bug
+        raise RuntimeError("scoring finished with rows missing from the cache")
+    return out
+
+
+def score_loss(
+    model,
+    records: Sequence[Record],
+    template: str = "alpaca",
+    cutoff: int = 256,
+    cache_dir: str | Path | None = None,
+    condition_on_prompt: bool = True,
+    *,
+    tokenizer=None,
+    max_batch_tokens: int = 4096,
+    max_batch_size: int = 256,
+    chunk: int = 256,
+    flush_every: int = 8,
+    rank: int = 0,
+    world_size: int = 1,
+    progress: bool = True,
+) -> LossScores:
+    """Per-sample mean response NLL under `model` (a LoadedModel): loss(y|x) or loss(y).
+
+    IFD (Cherry LLM) = loss(y|x) / loss(y): call this twice, with condition_on_prompt True
+    and False. Both average exactly the same response tokens (those the template encoding
+    keeps); loss(y) sees them after a single BOS (or EOS) token instead of the prompt.
+    Same batching, caching and sharding as `score_degradation`.
+    """
+    tok = tokenizer if tokenizer is not None else model.tokenizer
+    cache_root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    items = encode_records(records, tok, template, cutoff, condition_on_prompt)
+    key = {
+        "kind": "loss",
+        "model": model.fingerprint,
+        "template": template,
+        "cutoff": cutoff,
+        "conditioned": bool(condition_on_prompt),
+        "tokenizer": _tokenizer_key(tok),
+        "version": ENGINE_VERSION,
+    }
+    store = ShardStore(cache_root / "scores" / "loss" / stable_hash(key), meta=key)
+    view = _ModelView(model.model)
+    model.model.eval()
+    pad = _pad_id(tok)
+
+    def batch_fn(batch: list[_Item]) -> dict[str, np.ndarray]:
+        if not view.verified:
+            view.verify(min(items, key=lambda it: (it.length, it.id)))
+        ids, mask, lengths, n_prompt = _collate(batch, pad, view.device)
+        counts = [it.n_response for it in batch]
+        h, targets = _response_hidden(view, ids, mask, lengths, n_prompt)
+        nll = torch.empty(h.shape[0], dtype=torch.float32)
+        for s in range(0, h.shape[0], chunk):
+            e = min(h.shape[0], s + chunk)
+            nll[s:e] = token_nll(view.logits(h[s:e]), targets[s:e], chunk=chunk).cpu()
+        return {
+            "id": np.array([it.id for it in batch], dtype=object),
+            "nll": segment_mean(nll, counts).numpy(),
+            "n_response": np.array(counts, dtype=np.int64),
+            "n_prompt": np.array([it.n_prompt for it in batch], dtype=np.int64),
+        }
+
+    stats = _drive(
+        items,
+        store,
+        batch_fn,
+        max_batch_tokens=max_batch_tokens,
+        max_batch_size=max_batch_size,
+        flush_every=flush_every,
+        rank=rank,
+        world_size=world_size,
+        desc=f"loss(y{'|x' if condition_on_prompt else ''}) {model.name}",
+        progress=progress,
+    )
+    cols = _gather_results(records, store, ["nll"], items)
+    out = LossScores(
+        ids=[r.id for r in records],
+        nll=cols["nll"],
+        n_response=cols["n_response"],
+        n_prompt=cols["n_prompt"],
+        conditioned=bool(condition_on_prompt),
+        stats=stats,
+    )
+    if world_size == 1 and not out.complete:  # pragma: no cover
+        raise RuntimeError("scoring finished with rows missing from the cache")
+    return out

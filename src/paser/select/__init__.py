@@ -1,0 +1,1 @@
+"""Selection: S2RIC clustering, CDAIS budget and efficiency order, NTM gate, baselines."""

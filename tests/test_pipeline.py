@@ -1,0 +1,61 @@
+"""`paser pipeline` on tiny models: every stage runs, the report is written, and a re-run with
+one more method does only the new work."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from paser.cli import main
+
+
+def _config(path, tiny_model_dir, tiny_pruned_dir, out, methods):
+    path.write_text(
+        f"""out: {out}
+original: {tiny_model_dir}
+pruned: {tiny_pruned_dir}
+pool_limit: 40
+budgets: ["6"]
+methods: {json.dumps(methods)}
+seeds: [0]
+cache_dir: {out}/cache
+select: {{k_min: 2, k_max: 4, plots: false}}
+recover: {{max_steps: 2, batch_size: 2}}
+evaluate: {{tasks: "wikitext2,heldout,piqa", limit: 4, ppl_tokens: 256, ppl_window: 64}}
+"""
+    )
+    return path
+
+
+def test_pipeline_end_to_end_and_incremental(tmp_path, tiny_model_dir, tiny_pruned_dir, capsys):
+    out = tmp_path / "run"
+    cfg = _config(tmp_path / "exp.yaml", tiny_model_dir, tiny_pruned_dir, out, ["random"])
+    assert main(["pipeline", "--config", str(cfg)]) == 0
+    printed = capsys.readouterr().out
+    assert "| random |" in printed and "report.html" in printed
+    res = json.loads((out / "results.json").read_text())
+    assert not res["failures"]
+    methods = [r["method"] for r in res["rows"]]
+    assert methods == ["dense (unpruned)", "pruned, no recovery", "random"]
+    assert all(r["results"]["results"]["wikitext2"]["ppl"] > 1 for r in res["rows"])
+    html = (out / "report.html").read_text()
+    assert "<table>" in html and "WikiText-2 PPL" in html
+    done_before = sorted(p.parent.name for p in out.glob("*/*/DONE.json"))
+
+    _config(cfg, tiny_model_dir, tiny_pruned_dir, out, ["random", "uniform"])
+    assert main(["pipeline", "--config", str(cfg)]) == 0
+    res2 = json.loads((out / "results.json").read_text())
+    done_after = sorted(p.parent.name for p in out.glob("*/*/DONE.json"))
+    new = set(done_after) - set(done_before)
+    assert {n.split("-")[0] for n in new} == {"uniform"} and len(new) == 2  # select + recover, nothing else
+    assert "recover" not in res2["costs_s"] or res2["costs_s"]["recover"] > 0
+    assert [r["method"] for r in res2["rows"]][-1] == "uniform"
+
+
+def test_pipeline_config_errors_name_the_key(tmp_path, capsys):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("out: x\nmethodz: [paser]\n")
+    assert main(["pipeline", "--config", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "bad.yaml, line 2, field 'methodz'" in err
