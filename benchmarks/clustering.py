@@ -171,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n-components", type=int, default=32)
     p.add_argument("--nmf-errors", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="cap BLAS and faiss threads (default: library defaults)")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
 
@@ -178,7 +179,16 @@ def main(argv: list[str] | None = None) -> int:
 
     args.k_min = args.k_min or K_MIN_DEFAULT
     args.k_max = args.k_max or K_MAX_DEFAULT
-    {"mixed": case_mixed, "alpaca": case_alpaca, "synthetic": case_synthetic}[args.case](args)
+    run = {"mixed": case_mixed, "alpaca": case_alpaca, "synthetic": case_synthetic}[args.case]
+    if args.threads:
+        import faiss
+        from threadpoolctl import threadpool_limits
+
+        faiss.omp_set_num_threads(args.threads)
+        with threadpool_limits(args.threads):
+            run(args)
+    else:
+        run(args)
     return 0
 
 

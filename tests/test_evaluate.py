@@ -20,7 +20,7 @@ def _tiny_tokenizer():
     """A real byte-level BPE (GPT-2 style, like SmolLM2's), trained in memory on task text."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    corpus = [json.dumps(d) for t in COMMONSENSE_TASKS for d in load_commonsense(t)[:30]]
+    corpus = [json.dumps(d) for t in COMMONSENSE_TASKS for d in load_commonsense(t)[:15]]
     tk = Tokenizer(models.BPE())
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.decoder = decoders.ByteLevel()
@@ -129,6 +129,17 @@ def test_perplexity_equals_direct_exp_mean_nll(tiny):
     assert r.ppl == pytest.approx(math.exp(np.mean(losses)), rel=1e-4)
 
 
+def test_leading_token_ids_equal_full_tokenisation(tiny):
+    from paser.data import ppl_text
+    from paser.evaluate.perplexity import leading_token_ids
+
+    _, tok = tiny
+    text = ppl_text("wikitext2")[:60000]
+    full = tok(text, add_special_tokens=False)["input_ids"]
+    for n in (100, 3000):
+        assert leading_token_ids(tok, text, n).tolist() == full[:n]
+
+
 def test_heldout_loss_matches_direct(tiny):
     from paser.io.records import Record
     from paser.io.templates import encode_example
@@ -226,6 +237,13 @@ def test_real_model_small(tmp_path):
         ppl_window=512, ppl_max_tokens=1024, cache_dir=tmp_path / "cache", show_progress=False,
     )
     r = res["results"]
+    from paser.data import ppl_text
+    from paser.evaluate.perplexity import leading_token_ids
+    from paser.io.models import load_model
+
+    tok = load_model("smollm2-135m").tokenizer
+    text = ppl_text("wikitext2")
+    assert leading_token_ids(tok, text, 1024).tolist() == tok(text, add_special_tokens=False)["input_ids"][:1024]
     assert 5 < r["wikitext2"]["ppl"] < 100  # dense SmolLM2-135M: ~33 at window 512 (METHOD.md §3b)
     assert r["arc_easy"]["n"] == 8 and r["piqa"]["n"] == 8
     # Better than chance on average over the choices (log 1/4 and log 1/2), on 8 items only.

@@ -313,6 +313,8 @@ def test_training_loss_falls_and_validation_is_logged(tmp_path, tok):
     assert log["val"][-1]["loss"] < log["val"][0]["loss"]
     assert rep["loss"]["initial_val"] == log["val"][0]["loss"]
     assert rep["loss"]["initial_train"] == losses[0] and rep["loss"]["final_train"] == losses[-1]
+    assert rep["initial_loss"] == losses[0] and rep["final_loss"] == losses[-1]  # the flat keys the API reads
+    assert rep["tokens_trained"] == 6 * rep["data"]["response_tokens_per_epoch"]
     assert rep["training"]["tokens_seen"] == 6 * rep["data"]["tokens_per_epoch"]
 
 
@@ -322,3 +324,30 @@ def test_user_errors(tmp_path, model_dirs):
         recover(str(dense_dir), [], tmp_path)
     with pytest.raises(PaserError):
         recover(str(dense_dir), _records(3), tmp_path, val_fraction=0.9999)
+
+
+@pytest.mark.slow
+def test_real_smollm2_sparse_recovery_keeps_sparsity(tmp_path, one_thread):
+    """The embedded SmolLM2 (from GGUF), 50 % magnitude-sparse, 2 LoRA steps: zeros survive the merge."""
+    from paser.data import pool_path
+    from paser.io.models import load_model
+    from paser.io.records import load_records
+
+    lm = load_model("smollm2-135m")
+    _magnitude_prune_(lm.model)
+    lm.model.save_pretrained(tmp_path / "sparse")
+    lm.tokenizer.save_pretrained(tmp_path / "sparse")
+    before = sparsity_masks(lm.model)
+    del lm
+    pool, _ = load_records(pool_path())
+    rep = recover(
+        str(tmp_path / "sparse"), pool[:4], tmp_path / "out", cutoff=96, max_steps=2, batch_size=2, show_progress=False
+    )
+    assert rep["sparsity"]["masked_modules"] == len(before) == 30 * 7
+    assert rep["sparsity"]["after_merge"] == pytest.approx(rep["sparsity"]["before"])
+    assert rep["sparsity"]["entries_reset_to_zero"] > 0
+    assert all(e["loss"] == e["loss"] for e in json.loads((tmp_path / "out" / "training_log.json").read_text())["train"])
+    merged = load_model(str(tmp_path / "out" / "merged")).model
+    mods = dict(merged.named_modules())
+    for name in ("model.layers.0.self_attn.q_proj", "model.layers.29.mlp.down_proj"):
+        assert torch.equal(mods[name].weight == 0, before[name])

@@ -23,6 +23,15 @@ from paser.select.cluster import (
 from paser.select.manifold import diffusion_kernel, diffusion_map, knn_graph
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_blas_thread():
+    # The machine is shared: oversubscribed BLAS threads slow small products by 10x or more.
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(1):
+        yield
+
+
 def sphere_blobs(n: int, k: int, dim: int = 64, spread: float = 1.0, seed: int = 0):
     """Unit vectors around k random centres, unequal cluster sizes."""
     rng = np.random.default_rng(seed)
@@ -166,14 +175,14 @@ def test_relabel_by_size_and_purity():
 
 
 def test_recovers_blobs_with_auto_k():
-    X, y = sphere_blobs(2000, 6, dim=64, spread=1.0)
-    res = semantic_clusters(X, k_min=2, k_max=12, seed=0)
+    X, y = sphere_blobs(1500, 6, dim=64, spread=1.0)
+    res = semantic_clusters(X, k_min=2, k_max=12, n_components=16, seed=0)
     assert res.criterion == "eigengap"
     assert res.k == 6
     assert adjusted_rand_score(y, res.labels) > 0.95
     assert set(res.criterion_values) == set(range(2, 13))
     assert res.nmf_errors and all(0 <= e <= 1 for e in res.nmf_errors.values())
-    assert res.coords.shape == (2000, 32) and res.eigenvalues[0] == pytest.approx(1.0)
+    assert res.coords.shape == (1500, 16) and res.eigenvalues[0] == pytest.approx(1.0)
 
 
 def test_fixed_k_honoured_nonempty_sorted_and_deterministic():
@@ -184,18 +193,18 @@ def test_fixed_k_honoured_nonempty_sorted_and_deterministic():
         assert res.k == K and res.criterion == "fixed"
         assert res.labels.dtype == np.int64 and set(np.unique(res.labels)) == set(range(K))
         assert (sizes > 0).all() and (np.diff(sizes) <= 0).all()
-    a = semantic_clusters(X, seed=7)
-    b = semantic_clusters(X, seed=7)
+    a = semantic_clusters(X, seed=7, k_max=12, nmf_errors=False)
+    b = semantic_clusters(X, seed=7, k_max=12, nmf_errors=False)
     assert np.array_equal(a.labels, b.labels) and a.k == b.k
     np.testing.assert_allclose(a.coords, b.coords)
 
 
 def test_no_dense_n_by_n_allocation():
     n = 20_000
-    X, y = sphere_blobs(n, 8, dim=24, spread=1.2, seed=4)
+    X, y = sphere_blobs(n, 8, dim=24, spread=1.0, seed=4)
     tracemalloc.start()
     try:
-        res = semantic_clusters(X, k=8, nmf_errors=False)
+        res = semantic_clusters(X, k=8, n_components=10, nmf_errors=False)
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
@@ -217,30 +226,30 @@ def test_user_errors():
 # ----------------------------------------------------------------------------- the encoder
 
 
+# Slow only because importing sentence-transformers takes ~1 min on a loaded 2-core machine.
+@pytest.mark.slow
 def test_embedder_separates_topics_and_caches(tmp_path):
     from paser.io.records import Record
     from paser.select.embed import embed_records, embed_texts, record_text
 
     texts = {
-        "math": ["Solve for x: 3x + 5 = 20.", "What is the derivative of x squared times sin x?",
-                 "Compute the integral of 1/x from 1 to e."],
-        "code": ["Write a Python function that reverses a linked list.", "Fix the bug in this JavaScript for loop.",
-                 "Implement quicksort in C++ using recursion."],
-        "cooking": ["How long should I bake a chocolate cake at 180 degrees?", "Give me a recipe for tomato soup.",
-                    "What spices go well in a chicken curry?"],
+        "math": ["Solve the equation 2x + 3 = 11.", "Solve the equation 5x - 7 = 18 for x.", "Find x if 4x + 1 = 9."],
+        "code": ["Write a Python function to sort a list.", "Write a Python function that reverses a string.",
+                 "Write a Python program that counts the words in a file."],
+        "cooking": ["Give me a recipe for chocolate cake.", "How do I bake a chocolate cake?",
+                    "What ingredients do I need for a cake recipe?"],
     }
     flat = [s for v in texts.values() for s in v]
     E = embed_texts(flat, show_progress=False)
     assert E.shape == (9, 384) and E.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(E, axis=1), 1.0, atol=1e-5)
     topic = np.repeat(np.arange(3), 3)
-    S = E @ E.T
-    same = S[topic[:, None] == topic[None, :]]
-    diff = S[topic[:, None] != topic[None, :]]
-    assert (same[same < 0.999].mean()) > diff.mean() + 0.1
-    # Nearest other sentence of each is of the same topic.
-    np.fill_diagonal(S, -1)
-    assert (topic[S.argmax(1)] == topic).mean() >= 8 / 9
+    S = (E @ E.T).astype(np.float64)
+    np.fill_diagonal(S, np.nan)
+    # Each sentence is nearest to, and on average closest to, its own topic.
+    assert (topic[np.nanargmax(S, axis=1)] == topic).all()
+    mean_sim = np.stack([np.nanmean(S[:, topic == c], axis=1) for c in range(3)], axis=1)
+    assert (mean_sim.argmax(axis=1) == topic).all()
 
     recs = [Record(instruction=s, input="ctx" if i == 0 else "", output="o") for i, s in enumerate(flat)]
     assert record_text(recs[0]) == flat[0] + "\nctx" and record_text(recs[1]) == flat[1]

@@ -41,10 +41,12 @@ def prune(args: PruneArgs | None = None, **kwargs) -> str:
         out_dir=a.out,
         calibration=a.calibration,
         n_calibration=a.n_calibration,
-        importance=a.importance or "auto",
+        importance=a.importance,
+        prune_heads=a.prune_heads,
+        reconstruct=a.reconstruct,
         ppl_tokens=a.ppl_tokens,
-        allow_pickle=a.allow_pickle,
         seed=a.seed,
+        allow_pickle=a.allow_pickle,
     )
     lines = [f"pruned model written to {a.out} (report: {Path(a.out) / 'pruning_report.json'})"]
     if report.get("achieved_sparsity") is not None:
@@ -101,6 +103,8 @@ def recover(args: RecoverArgs | None = None, **kwargs) -> str:
         seed=a.seed,
         val_fraction=a.val_fraction,
         max_steps=a.max_steps,
+        save_steps=a.save_steps,
+        resume=a.resume,
     )
     first, last = report.get("initial_loss"), report.get("final_loss")
     msg = f"recovered model written to {Path(a.out) / 'merged'} (adapter in {Path(a.out) / 'adapter'})"

@@ -35,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="paser", description="PASER: data selection for recovering pruned LLMs")
     parser.add_argument("--version", action="version", version=f"paser {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice; 1 helps on a busy machine)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (cls, help_) in COMMANDS.items():
         p = sub.add_parser(name, help=help_, description=help_)
@@ -49,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _args_for(cls: type, ns: argparse.Namespace):
     values = load_yaml(ns.config) if getattr(ns, "config", None) else {}
     merged = dict(values)
-    cli = {k: v for k, v in vars(ns).items() if k not in ("command", "config", "verbose")}
+    cli = {k: v for k, v in vars(ns).items() if k not in ("command", "config", "verbose", "threads")}
     merged.update(cli)
     # Report a bad YAML key against the file, a bad CLI value against the arguments.
     build_args(cls, values, source=ns.config) if values else None
@@ -60,6 +61,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     ns = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if ns.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if ns.threads:
+        import torch
+        from threadpoolctl import threadpool_limits
+
+        torch.set_num_threads(ns.threads)
+        threadpool_limits(ns.threads)  # numpy/scipy/faiss BLAS too: oversubscribed cores crawl
     from paser import api
 
     try:

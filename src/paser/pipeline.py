@@ -63,7 +63,7 @@ def load_pipeline_config(path: str | Path, out: str | None = None) -> PipelineCo
     from paser.config import EvaluateArgs, PruneArgs
 
     build_args(PruneArgs, cfg.prune, source=path)
-    build_args(EvaluateArgs, cfg.evaluate, source=path)
+    build_args(EvaluateArgs, {k: v for k, v in cfg.evaluate.items() if k != "limits"}, source=path)
     return cfg
 
 
@@ -119,23 +119,46 @@ def run_pipeline(config_path: str | Path, out: str | None = None) -> str:
     ev = dict(cfg.evaluate)
 
     def evaluate(name: str, model: str) -> dict | None:
+        """Evaluate one model; `evaluate.limits` ({task: n}) overrides `evaluate.limit` per task."""
         from paser.evaluate.runner import evaluate_model
 
-        path = root / "eval" / f"{name}.json"
+        tasks = [t.strip() for t in str(ev.get("tasks", "wikitext2,ptb")).split(",") if t.strip()]
+        limits = dict(ev.get("limits") or {})
+        groups: dict = {}
+        from paser.evaluate.runner import resolve_tasks
+
+        for t in resolve_tasks(tasks):
+            groups.setdefault(limits.get(t, ev.get("limit")), []).append(t)
+        merged: dict | None = None
         try:
-            return timed(
-                "evaluate",
-                evaluate_model,
-                model,
-                tasks=[t.strip() for t in str(ev.get("tasks", "wikitext2,ptb")).split(",") if t.strip()],
-                limit=ev.get("limit"),
-                seed=int(ev.get("seed", 0)),
-                out_path=path,
-                ppl_window=int(ev.get("ppl_window", 512)),
-                ppl_max_tokens=int(ev.get("ppl_tokens", 16384)),
-                batch_size=ev.get("batch_size"),
-                cache_dir=(Path(cfg.cache_dir) / "eval") if cfg.cache_dir else None,
-            )
+            for limit, group in groups.items():
+                res = timed(
+                    "evaluate",
+                    evaluate_model,
+                    model,
+                    tasks=group,
+                    limit=limit,
+                    seed=int(ev.get("seed", 0)),
+                    out_path=None,
+                    ppl_window=int(ev.get("ppl_window", 512)),
+                    ppl_max_tokens=int(ev.get("ppl_tokens", 16384)),
+                    batch_size=ev.get("batch_size"),
+                    cache_dir=(Path(cfg.cache_dir) / "eval") if cfg.cache_dir else None,
+                )
+                res["limits"] = {t: limit for t in group}
+                if merged is None:
+                    merged = res
+                else:
+                    merged["results"].update(res["results"])
+                    merged["tasks"] += res["tasks"]
+                    merged["limits"].update(res["limits"])
+                    merged["seconds_total"] += res["seconds_total"]
+            if merged is not None:
+                from paser.evaluate.runner import summarise
+
+                merged["summary"] = summarise(merged["results"])
+                atomic_write_json(root / "eval" / f"{name}.json", merged)
+            return merged
         except Exception as e:  # one failing stage must not lose the others
             failures.append({"stage": f"evaluate {name}", "error": repr(e), "traceback": traceback.format_exc(limit=5)})
             log.error("evaluate %s failed: %s", name, e)

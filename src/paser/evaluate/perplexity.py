@@ -56,6 +56,29 @@ def window_nlls(model, windows: torch.Tensor, batch_size: int = 4, show_progress
     return torch.cat(out)
 
 
+def leading_token_ids(tokenizer, text: str, max_tokens: int | None, margin: int = 64) -> torch.Tensor:
+    """The first `max_tokens` ids of `tokenizer(text)`, without tokenising all of a long corpus.
+
+    Tokenising WikiText-2 whole takes seconds to tens of seconds, and only the first few
+    thousand tokens are used. A prefix of the text is tokenised instead, grown until it yields
+    `margin` tokens more than needed: tokenizers split text into pre-tokens (words, spaces) that
+    never merge across a boundary, so only the last few tokens of a prefix can differ from the
+    full encoding, and those are beyond the tokens kept.
+    """
+    def enc(s: str) -> list[int]:
+        return tokenizer(s, add_special_tokens=False)["input_ids"]
+
+    if max_tokens is None:
+        return torch.tensor(enc(text), dtype=torch.long)
+    n_chars = max(4096, 8 * (max_tokens + margin))
+    while n_chars < len(text):
+        ids = enc(text[:n_chars])
+        if len(ids) >= max_tokens + margin:
+            return torch.tensor(ids[:max_tokens], dtype=torch.long)
+        n_chars *= 2
+    return torch.tensor(enc(text)[:max_tokens], dtype=torch.long)
+
+
 def perplexity(
     model,
     tokenizer,
@@ -67,7 +90,7 @@ def perplexity(
     batch_size: int = 4,
     show_progress: bool = True,
 ) -> PerplexityResult:
-    ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+    ids = leading_token_ids(tokenizer, text, max_tokens)
     windows = window_token_ids(ids, window, max_tokens)
     sums = window_nlls(model, windows, batch_size=batch_size, show_progress=show_progress)
     per_window = sums / (window - 1)

@@ -13,8 +13,6 @@ import hashlib
 import json
 import logging
 import os
-import platform
-import subprocess
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -23,6 +21,7 @@ from pathlib import Path
 import torch
 
 from paser.errors import ModelError, PaserError
+from paser.io.provenance import git_revision, library_versions
 
 log = logging.getLogger(__name__)
 
@@ -152,37 +151,6 @@ def load_for_evaluation(spec, adapter: str | None = None, *, device=None, dtype=
 # ----------------------------------------------------------------------------- provenance
 
 
-def library_versions() -> dict[str, str | None]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out: dict[str, str | None] = {"python": platform.python_version()}
-    for pkg in ("torch", "transformers", "peft", "lm_eval", "paser"):
-        try:
-            out[pkg] = version(pkg.replace("_", "-")) if pkg != "lm_eval" else version("lm_eval")
-        except PackageNotFoundError:
-            out[pkg] = None
-    return out
-
-
-def git_revision() -> str | None:
-    """HEAD of the paser checkout this code runs from, or None (installed wheel, no git, no commits)."""
-    here = Path(__file__).resolve().parent
-    try:
-        r = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    rev = r.stdout.strip()
-    if r.returncode != 0 or not rev:
-        return None
-    try:
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here, capture_output=True, text=True, timeout=10)
-        if dirty.returncode == 0 and dirty.stdout.strip():
-            rev += "-dirty"
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return rev
-
-
 # ----------------------------------------------------------------------------- tasks
 
 
@@ -228,7 +196,7 @@ def summarise(results: dict[str, dict]) -> dict:
     out: dict = {}
     if cs:
         out["commonsense_tasks"] = cs
-        for m in ("acc", "acc_norm", "gold_choice_logprob"):
+        for m in ("acc", "acc_norm"):
             out[f"mean_{m}"] = sum(results[t][m] for t in cs) / len(cs)
     for t in PPL_TASKS:
         if t in results:

@@ -20,7 +20,9 @@ What is scored (lm-eval 0.4 `output_type: multiple_choice`, zero-shot, no chat t
   `mean_stderr`.
 We add two per-task numbers that separate small models better than accuracy: the mean summed
 log-likelihood of the gold continuation (`gold_loglik`, nats), and the mean log-probability of
-the gold choice among the choices, log softmax(ll)[gold] (`gold_choice_logprob`).
+the gold choice among the choices, log softmax(ll)[gold] (`gold_choice_logprob`; on tasks whose
+choices differ much in length, e.g. hellaswag and piqa, it mostly measures length, as lm-eval's
+own `prob_norm` does).
 
 Prompt formats follow lm-eval's default task YAMLs, rebuilt from the fields our embedded
 files keep (see `format_item`). This module implements the scoring itself instead of calling

@@ -11,8 +11,9 @@ Importance of a group (pure functions below, weights and statistics in, one scor
 - "taylor": LLM-Pruner's first-order term, sum over the group of |w * dL/dw| on calibration data;
 - "activation": how much the group writes into the residual stream, ||X_j||_2 * ||W_out[:, j]||_2
   summed over the group's output-projection columns (X = the input of down_proj / o_proj over the
-  calibration tokens). Measured on SmolLM2 (see the report in driver.py), this is the one that
-  works: weight norms alone ignore that a few channels carry huge activations.
+  calibration tokens). Measured on SmolLM2 (numbers in driver.py), this is the one that works:
+  weight norms alone ignore that a few channels carry huge activations (magnitude at 25 %:
+  perplexity 34,501; activation: 89.6; dense 30.6).
 
 Every layer keeps the SAME number of channels and KV groups; see `plan_structured` for why.
 """
@@ -196,3 +197,31 @@ def slice_rows(weight: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 
 def slice_cols(weight: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return weight.detach().index_select(1, idx.to(weight.device)).contiguous()
+
+
+# ----------------------------------------------------------------------------- compensation
+
+
+def reconstruct_kept_columns(
+    weight: torch.Tensor, hessian: torch.Tensor, keep: torch.Tensor, percdamp: float = 0.01
+) -> torch.Tensor:
+    """Least-squares refit of an output projection after some of its input channels are removed.
+
+    With X the layer's calibration inputs and H ∝ XᵀX, the weight W' on the kept channels S that
+    best reproduces the original output, argmin ||W' X_S - W X||², is W H[:, S] (H[S, S])⁻¹
+    (H[S, S] dampened by `percdamp` of its mean diagonal). Removed channels' contribution is
+    thereby folded onto the kept ones as far as they correlate: the same idea as SparseGPT's
+    error compensation, applied to whole channels (cf. SlimGPT, ZipLM). For down_proj and o_proj
+    the kept channels' activations are unchanged by pruning (their gate/up rows, their heads'
+    q/k/v rows stay as they were), so the refit is exact for the calibration inputs.
+    Returns W' [out, |S|] in float32.
+    """
+    h = hessian.detach().double()
+    keep = keep.to(h.device)
+    hss = h.index_select(0, keep).index_select(1, keep)
+    damp = percdamp * torch.mean(torch.diag(hss)).clamp_min(1e-12)
+    hss = hss + damp * torch.eye(hss.shape[0], dtype=h.dtype, device=h.device)
+    rhs = weight.detach().double() @ h.index_select(1, keep)  # [out, |S|]
+    # W' = rhs @ hss⁻¹; hss is symmetric positive definite: solve via Cholesky.
+    l = torch.linalg.cholesky(hss)
+    return torch.cholesky_solve(rhs.T, l).T.float()

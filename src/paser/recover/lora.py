@@ -18,6 +18,7 @@ Output directory:
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -171,8 +172,6 @@ def _last_checkpoint(ckpt_dir: Path) -> str | None:
 
 
 def _read_json(path: Path) -> dict | None:
-    import json
-
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError):
@@ -456,6 +455,13 @@ def recover(
         },
         "paths": {"adapter": str(adapter_dir), "merged": str(merged_dir), "training_log": str(log_path)},
     }
+    # Flat summary keys, as the API and pipeline read them.
+    report.update(
+        initial_loss=report["loss"]["initial_train"],
+        final_loss=report["loss"]["final_train"],
+        seconds=seconds,
+        tokens_trained=report["training"]["response_tokens_trained"],
+    )
     atomic_write_json(out / REPORT_FILE, report)
     if not keep_checkpoints and ckpt_dir.exists():
         shutil.rmtree(ckpt_dir)

@@ -36,17 +36,32 @@ def _check_finite(values: torch.Tensor, what: str) -> torch.Tensor:
     return values
 
 
-def _jsd_rows(lp: torch.Tensor, lq: torch.Tensor) -> torch.Tensor:
-    """JSD of rows given float32 log-probabilities (finite-floored); returns [rows].
+class Workspace:
+    """Reusable [chunk, V] float32 scratch buffers for the chunked JSD.
 
-    Written as ½ Σ P (log P − log M) + ½ Σ Q (log Q − log M) rather than the entropy form
-    H(M) − ½H(P) − ½H(Q): the entropy form subtracts numbers of a few nats to get values near
-    0 and loses them to float32 rounding, while here identical rows give exactly 0.
+    Why by hand: every full-vocabulary temporary is ~50 MB at chunk 256 × 49,152, and
+    allocating one (fresh pages from the OS) cost as much as the arithmetic on it (40 ms vs
+    4 ms for an in-place pass, measured). Reusing four buffers across chunks and batches
+    made the JSD ~3× faster. Holding one is optional; it only saves time.
     """
-    lm = torch.logaddexp(lp, lq).sub_(LN2)
-    kl_p = (lp.exp() * (lp - lm)).sum(-1)
-    kl_q = (lq.exp() * (lq - lm)).sum(-1)
-    return (0.5 * (kl_p + kl_q)).clamp_(0.0, LN2)
+
+    def __init__(self) -> None:
+        self._bufs: list[torch.Tensor] = []
+
+    def get(self, rows: int, vocab: int, device: torch.device, n: int = 4) -> list[torch.Tensor]:
+        b = self._bufs
+        if not b or b[0].shape[0] < rows or b[0].shape[1] != vocab or b[0].device != device:
+            self._bufs = b = [torch.empty(rows, vocab, dtype=torch.float32, device=device) for _ in range(n)]
+        return [t[:rows] for t in b]
+
+
+def _log_softmax_into(x: torch.Tensor, out: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
+    """log_softmax(x) written into `out` (float32), −inf floored; `scratch` is clobbered."""
+    mx = x.amax(-1, keepdim=True).float()
+    torch.sub(x, mx, out=out)
+    torch.exp(out, out=scratch)
+    out.sub_(scratch.sum(-1, keepdim=True).log_())
+    return out.clamp_min_(_LOG_FLOOR)
 
 
 def token_jsd_and_nll(
@@ -54,6 +69,7 @@ def token_jsd_and_nll(
     logits_q: torch.Tensor,
     targets: torch.Tensor | None = None,
     chunk: int = 256,
+    workspace: Workspace | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Per-token JSD(P‖Q) and, when `targets` is given, both models' NLL of the targets.
 
@@ -61,27 +77,41 @@ def token_jsd_and_nll(
     targets: [T] token ids, or None. Returns (jsd [T], nll_p [T] | None, nll_q [T] | None),
     float32, on the logits' device. The log-softmax is shared between the divergence and the
     losses, which is why this is one function: the engine needs all three and the
-    log-softmax is the expensive part.
+    full-vocabulary passes are the expensive part.
+
+    JSD is ½ Σ P (log P − log M) + ½ Σ Q (log Q − log M) with log M = logaddexp(log P,
+    log Q) − log 2, summed per element rather than as H(M) − ½H(P) − ½H(Q): the entropy form
+    subtracts numbers of a few nats to get values near 0 and loses them to float32 rounding,
+    while here identical rows give exactly 0. Log-probabilities are floored at −1e30 so that
+    a zero probability contributes exp(−1e30) · finite = 0 instead of 0 · (−inf) = NaN.
     """
     if logits_p.shape != logits_q.shape or logits_p.dim() != 2:
         raise ValueError(f"expected two [T, V] logits of one shape, got {tuple(logits_p.shape)} and {tuple(logits_q.shape)}")
     if targets is not None and targets.shape != logits_p.shape[:1]:
         raise ValueError(f"targets must be [T]={logits_p.shape[0]}, got {tuple(targets.shape)}")
-    T = logits_p.shape[0]
+    T, V = logits_p.shape
     dev = logits_p.device
     jsd = torch.empty(T, dtype=torch.float32, device=dev)
     nll_p = torch.empty(T, dtype=torch.float32, device=dev) if targets is not None else None
     nll_q = torch.empty(T, dtype=torch.float32, device=dev) if targets is not None else None
     step = max(1, int(chunk))
+    ws = workspace if workspace is not None else Workspace()
     for s in range(0, T, step):
         e = min(T, s + step)
-        lp = _log_probs(logits_p[s:e])
-        lq = _log_probs(logits_q[s:e].to(dev))
-        jsd[s:e] = _jsd_rows(lp, lq)
+        lp, lq, lm, tmp = ws.get(e - s, V, dev)
+        _log_softmax_into(logits_p[s:e], lp, tmp)
+        _log_softmax_into(logits_q[s:e].to(dev), lq, tmp)
         if targets is not None:
             t = targets[s:e].to(dev).long().unsqueeze(-1)
             nll_p[s:e] = -lp.gather(-1, t).squeeze(-1)
             nll_q[s:e] = -lq.gather(-1, t).squeeze(-1)
+        torch.logaddexp(lp, lq, out=lm).sub_(LN2)
+        # Σ P (log P − log M) + Σ Q (log Q − log M), in place: tmp ← P, lp ← (lp − lm) · P
+        torch.exp(lp, out=tmp)
+        kl = lp.sub_(lm).mul_(tmp).sum(-1)
+        torch.exp(lq, out=tmp)
+        kl += lq.sub_(lm).mul_(tmp).sum(-1)
+        jsd[s:e] = kl.mul_(0.5).clamp_(0.0, LN2)
     _check_finite(jsd, "token_jsd")
     return jsd, nll_p, nll_q
 

@@ -157,36 +157,39 @@ def nmf_lowrank(
         raise PaserError(f"cannot make {K} clusters of {n} points")
     eps = 1e-12
     anchors = spa_anchors(A, K)
-    W = np.clip(A @ A[anchors].T, 0.0, None)  # the anchors' columns of M
-    W /= np.maximum(np.linalg.norm(W, axis=0), eps)
-    WtW = W.T @ W
-    WtM = (W.T @ A) @ A.T
+    # W is kept transposed (Wt: K x N), so that every HALS update touches contiguous rows.
+    Wt = np.clip(A[anchors] @ A.T, 0.0, None)  # the anchors' columns of M
+    Wt /= np.maximum(np.linalg.norm(Wt, axis=1, keepdims=True), eps)
+    WtW = Wt @ Wt.T
+    WtM = (Wt @ A) @ A.T
     H = np.clip(np.linalg.lstsq(WtW + eps * np.eye(K), WtM, rcond=None)[0], 0.0, None)
+    del WtM
 
     err_prev = np.inf
     it = 0
     for it in range(1, max_iter + 1):
         # H rows, given W.
-        WtW = W.T @ W
-        WtM = (W.T @ A) @ A.T
+        WtW = Wt @ Wt.T
+        WtM = (Wt @ A) @ A.T
         for k in range(K):
             H[k] += (WtM[k] - WtW[k] @ H) / max(WtW[k, k], eps)
             np.maximum(H[k], 0.0, out=H[k])
-        # W columns, given H.
+        # W columns (rows of Wt), given H: M H^T = A (A^T H^T) by symmetry of M.
         HHt = H @ H.T
-        MHt = A @ (A.T @ H.T)
+        HMt = (H @ A) @ A.T  # = (M H^T)^T
         for k in range(K):
-            W[:, k] += (MHt[:, k] - W @ HHt[:, k]) / max(HHt[k, k], eps)
-            np.maximum(W[:, k], 0.0, out=W[:, k])
+            Wt[k] += (HMt[k] - HHt[k] @ Wt) / max(HHt[k, k], eps)
+            np.maximum(Wt[k], 0.0, out=Wt[k])
         # Keep the scale in H (W unit columns): no drift, and H comparable across factors.
-        nw = np.maximum(np.linalg.norm(W, axis=0), eps)
-        W /= nw
+        nw = np.maximum(np.linalg.norm(Wt, axis=1), eps)
+        Wt /= nw[:, None]
         H *= nw[:, None]
         if it % check_every == 0:
-            err = nmf_relative_error(A, W, H)
+            err = nmf_relative_error(A, Wt.T, H)
             if np.isfinite(err_prev) and err_prev - err <= tol * err_prev:
                 break
             err_prev = err
+    W = Wt.T
     err = nmf_relative_error(A, W, H)
     return W, H, err, it
 
@@ -242,7 +245,7 @@ def semantic_clusters(
 
     k: fix the number of clusters; None picks it by the eigengap within [k_min, k_max].
     nmf_errors: also factorise for every K in [k_min, k_max] and report the relative errors
-    (None: only when N <= 60,000, where it costs seconds).
+    (None: only when N <= 20,000, where it costs seconds).
     Deterministic for a fixed seed. Memory O(N (n_neighbors + n_components + K)).
     """
     from paser.select.manifold import diffusion_map, knn_graph
@@ -287,7 +290,7 @@ def semantic_clusters(
     A = affinity_factor(coords)
     errors: dict[int, float] = {}
     if nmf_errors is None:
-        nmf_errors = n <= 60_000
+        nmf_errors = n <= 20_000
     if nmf_errors:
         for kk in range(k_min_eff, k_max_eff + 1):
             if kk != K:

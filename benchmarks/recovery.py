@@ -1,0 +1,77 @@
+"""The honest experiment: does PASER recover a pruned SmolLM2 better than the alternatives?
+
+Configuration (issue 6; sized for a 2-core CPU, see the README for what it measured):
+- model: SmolLM2-135M-Instruct pruned by Wanda to 50 % (`--structured` adds LLM-Pruner-style 25 %);
+- pool: 2,000 records of the embedded pool (general, math, code), seeded;
+- budget: 10 % (200 records);
+- methods: paser, random, uniform, ifd with 3 seeds each; full data with 1 seed; plus the
+  unrecovered and the dense model;
+- metrics: WikiText-2 and PTB perplexity on the first 16,384 tokens (windows of 512), held-out
+  response loss per capability on the 600 embedded records that are not in the pool (primary);
+  the 7 commonsense tasks with 500 items for ARC-e, HellaSwag and PIQA and 200 for the others,
+  with acc, acc_norm, mean gold-choice log-probability and standard errors (secondary).
+
+Every stage is cached (see `paser pipeline`), so run it in the background and re-run the same
+command after an interruption: it continues where it stopped.
+
+    .venv/bin/python benchmarks/recovery.py [--out DIR] [--quick] [--structured]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import yaml
+
+
+def config(out: Path, quick: bool, structured: bool) -> dict:
+    cfg = {
+        "out": str(out),
+        "original": "smollm2-135m",
+        "prune": {"method": "structured", "sparsity": 0.25} if structured else {"method": "wanda", "sparsity": 0.5, "n_calibration": 32},
+        "pool_limit": 2000,
+        "budgets": ["0.1"],
+        "methods": ["paser", "random", "uniform", "ifd", "full"],
+        "seeds": [0, 1, 2],
+        "recover": {"epochs": 2, "batch_size": 4},
+        "evaluate": {
+            "tasks": "wikitext2,ptb,heldout,commonsense",
+            "limit": 200,
+            "limits": {"arc_easy": 500, "hellaswag": 500, "piqa": 500, "heldout": None},
+            "ppl_tokens": 16384,
+            "ppl_window": 512,
+        },
+        "cache_dir": str(out / "cache"),
+    }
+    if quick:  # a smoke run of the same code path, minutes instead of hours
+        cfg.update(pool_limit=200, seeds=[0], methods=["paser", "random"])
+        cfg["recover"] = {"epochs": 1, "batch_size": 4}
+        cfg["evaluate"] = {"tasks": "wikitext2,heldout,arc_easy", "limit": 20, "ppl_tokens": 2048, "ppl_window": 512}
+    return cfg
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    default_out = Path(os.environ.get("PASER_CACHE", Path.home() / ".cache" / "paser")) / "benchmarks" / "recovery"
+    ap.add_argument("--out", type=Path, default=default_out, help=f"output and cache directory (default {default_out})")
+    ap.add_argument("--quick", action="store_true", help="a small smoke configuration")
+    ap.add_argument("--structured", action="store_true", help="LLM-Pruner-style structured 25 %% instead of Wanda 50 %%")
+    args = ap.parse_args()
+    out = args.out / ("structured25" if args.structured else "wanda50") / ("quick" if args.quick else "full")
+    out.mkdir(parents=True, exist_ok=True)
+    cfg_path = out / "experiment.yaml"
+    cfg_path.write_text(yaml.safe_dump(config(out, args.quick, args.structured), sort_keys=False))
+    from paser.pipeline import run_pipeline
+
+    print(run_pipeline(cfg_path))
+    res = json.loads((out / "results.json").read_text())
+    print(f"\nconfiguration: {cfg_path}\nresults: {out / 'results.json'}; failures: {len(res['failures'])}")
+    return 1 if res["failures"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,171 @@
+"""`paser estimate`: what `paser select` will cost, predicted from a sample before anything expensive runs.
+
+Tokens come from tokenising a seeded sample of the pool with the shared template; speed comes
+from timing one real scoring batch (forward passes and the chunked JSD) and the sentence
+encoder on this device; memory is the resident size after the models are loaded plus the
+peak that one batch added. All of it extrapolates linearly to the pool (a cold cache).
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+
+from paser.config import SelectArgs
+
+# Seconds per record for S2RIC's kNN graph + diffusion map + NMF, measured by
+# benchmarks/clustering.py on this project's 2-core reference machine (50,921 records).
+CLUSTER_SECONDS_PER_RECORD = 6e-4
+
+
+def _rss_bytes() -> int:
+    """Peak resident set size of this process so far (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(r if sys.platform == "darwin" else r * 1024)
+
+
+@dataclass
+class Estimate:
+    method: str
+    pool_size: int
+    budget: int
+    sample_size: int
+    tokens_per_record: float
+    tokens: int  # prompt + response tokens through one model
+    padded_tokens: int  # what the length-bucketed batches really compute
+    forward_sequences: int  # sequences through any model
+    tokens_per_second: dict = field(default_factory=dict)
+    seconds: dict = field(default_factory=dict)
+    peak_memory_bytes: int = 0
+    device: str = "cpu"
+
+    @property
+    def total_seconds(self) -> float:
+        return float(sum(self.seconds.values()))
+
+    def summary(self) -> str:
+        parts = ", ".join(f"{k} {v:.0f} s" for k, v in self.seconds.items())
+        return (
+            f"estimate for `paser select --method {self.method}` on {self.pool_size} records (budget {self.budget}), "
+            f"from a sample of {self.sample_size}:\n"
+            f"  tokens: {self.tokens:,} ({self.tokens_per_record:.0f} per record; {self.padded_tokens:,} after batching)\n"
+            f"  forward passes: {self.forward_sequences:,} sequences\n"
+            f"  time on {self.device}: about {self.total_seconds / 60:.1f} min ({parts})\n"
+            f"  peak memory: about {self.peak_memory_bytes / 2**30:.2f} GiB"
+        )
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["total_seconds"] = self.total_seconds
+        return d
+
+
+def _time_batch(model, items, pad_id: int, device) -> tuple[float, torch.Tensor]:
+    """Seconds for one forward over these items (right-padded), and the logits."""
+    width = max(len(it.input_ids) for it in items)
+    ids = torch.full((len(items), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for r, it in enumerate(items):
+        ids[r, : len(it.input_ids)] = torch.tensor(it.input_ids)
+        mask[r, : len(it.input_ids)] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    with torch.inference_mode():
+        model(input_ids=ids[:1, :8], attention_mask=mask[:1, :8])  # warm-up: kernels, allocator
+        t = time.perf_counter()
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t, logits
+
+
+def estimate_selection(args: SelectArgs, sample_size: int = 64) -> Estimate:
+    from paser.io.models import load_model
+    from paser.score.divergence import token_jsd
+    from paser.score.engine import encode_records, plan_batches
+    from paser.select.budget import resolve_budget
+    from paser.select.run import NEEDS_EMBEDDINGS, NEEDS_PRUNED, load_selection_pool
+
+    t_load = time.time()
+    records, _ = load_selection_pool(args)
+    n = len(records)
+    budget = resolve_budget(args.budget, n)
+    rng = np.random.default_rng(args.seed)
+    sample = [records[i] for i in np.sort(rng.choice(n, size=min(sample_size, n), replace=False))]
+    seconds: dict[str, float] = {}
+    tps: dict[str, float] = {}
+    device = "cpu"
+    tokens = padded = 0
+    per_record = 0.0
+    sequences = 0
+
+    if args.method in NEEDS_PRUNED:
+        models = [load_model(args.pruned, allow_pickle=args.allow_pickle)]
+        if args.method == "paser":
+            models.insert(0, load_model(args.original, allow_pickle=args.allow_pickle))
+        seconds["load models"] = time.time() - t_load
+        tok = models[-1].tokenizer
+        items = encode_records(sample, tok, args.template, args.cutoff)
+        lengths = sorted(len(it.input_ids) for it in items)
+        per_record = float(np.mean(lengths))
+        batches = plan_batches(lengths, args.max_batch_tokens)
+        pad_ratio = sum((e - s) * lengths[e - 1] for s, e in batches) / max(1, sum(lengths))
+        tokens = int(per_record * n)
+        padded = int(tokens * pad_ratio)
+        passes = {"paser": 1, "ifd": 2, "instruction_mining": 1, "nuggets": 9}[args.method]  # nuggets: 8 anchors + itself
+        # the largest batch the real run will form, so the memory peak is representative
+        s, e = max(batches, key=lambda b: (b[1] - b[0]) * lengths[b[1] - 1])
+        by_len = sorted(items, key=lambda it: len(it.input_ids))[s:e]
+        batch_tokens = sum(len(it.input_ids) for it in by_len)
+        pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+        logits = []
+        for lm in models:
+            dev = next(lm.model.parameters()).device
+            device = str(dev)
+            secs, lg = _time_batch(lm.model, by_len, pad_id, dev)
+            tps[lm.name] = batch_tokens / secs
+            logits.append(lg)
+        score_s = sum(padded / v for v in tps.values()) * passes
+        if args.method == "paser":
+            resp = [len(it.input_ids) - it.n_prompt for it in by_len]
+            flat_p = torch.cat([logits[0][r, it.n_prompt - 1 : len(it.input_ids) - 1] for r, it in enumerate(by_len)])
+            flat_q = torch.cat([logits[1][r, it.n_prompt - 1 : len(it.input_ids) - 1] for r, it in enumerate(by_len)])
+            t = time.perf_counter()
+            token_jsd(flat_p, flat_q)
+            jsd_per_token = (time.perf_counter() - t) / max(1, sum(resp))
+            resp_share = sum(resp) / batch_tokens
+            score_s += jsd_per_token * tokens * resp_share
+            tps["jsd"] = 1.0 / max(jsd_per_token, 1e-9)
+        seconds["score"] = score_s
+        sequences = n * passes * len(models) if args.method != "ifd" else 2 * n
+        del logits
+    if args.method in NEEDS_EMBEDDINGS:
+        from paser.select.embed import embed_texts, record_text
+
+        texts = [record_text(r) for r in sample[:32]]
+        embed_texts(texts[:2], show_progress=False)  # load the encoder outside the timing
+        t = time.perf_counter()
+        embed_texts(texts, show_progress=False)
+        rate = len(texts) / (time.perf_counter() - t)
+        tps["embed records"] = rate
+        seconds["embed"] = n / rate
+        seconds["cluster"] = n * CLUSTER_SECONDS_PER_RECORD
+    peak = _rss_bytes() + (n * 384 * 4 * 6 if args.method in NEEDS_EMBEDDINGS else 0)  # embeddings, kNN graph, diffusion coords
+    return Estimate(
+        method=args.method,
+        pool_size=n,
+        budget=budget,
+        sample_size=len(sample),
+        tokens_per_record=per_record,
+        tokens=tokens,
+        padded_tokens=padded,
+        forward_sequences=sequences,
+        tokens_per_second=tps,
+        seconds=seconds,
+        peak_memory_bytes=peak,
+        device=device,
+    )
