@@ -23,7 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-DATA = Path("/work/shared/data/instruct")
+# ../shared/data beside the checkout (the project's data folder); override with the options below.
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "instruct"
 
 
 def rss_peak_mb() -> float:

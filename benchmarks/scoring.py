@@ -34,7 +34,8 @@ from paser.io.records import load_records
 from paser.io.templates import encode_example
 from paser.score import engine
 
-DATA = "/work/shared/data/instruct/alpaca_cleaned_50921.jsonl.gz"
+# ../shared/data beside the checkout (the project's data folder).
+DATA = str(Path(__file__).resolve().parents[2] / "shared" / "data" / "instruct" / "alpaca_cleaned_50921.jsonl.gz")
 
 
 def magnitude_prune_copy(model: torch.nn.Module, frac: float = 0.5) -> torch.nn.Module:

@@ -106,6 +106,8 @@ def recover(args: RecoverArgs | None = None, **kwargs) -> str:
         save_steps=a.save_steps,
         resume=a.resume,
     )
+    if "rank" in report:
+        return f"rank {report['rank']}: trained its data shard; the main process writes the outputs"
     first, last = report.get("initial_loss"), report.get("final_loss")
     msg = f"recovered model written to {Path(a.out) / 'merged'} (adapter in {Path(a.out) / 'adapter'})"
     if first is not None and last is not None:

@@ -356,6 +356,7 @@ def recover(
         remove_unused_columns=False,
         label_names=["labels"],
         report_to="none",
+        ddp_find_unused_parameters=False,  # LoRA uses every adapter in every step
         disable_tqdm=not show_progress,
         dataloader_pin_memory=device.type == "cuda",
         use_cpu=device.type == "cpu",
@@ -392,6 +393,10 @@ def recover(
         if last_eval_step != state.global_step:
             trainer.evaluate()  # the final validation loss, when the schedule did not end on one
     curves = _summarise_log(state.log_history)
+    if not trainer.is_world_process_zero():
+        # Data-parallel run (`accelerate launch`): every rank trained its shard of each batch and
+        # holds the same synchronised weights; only the main process writes the outputs.
+        return {"rank": trainer.args.process_index, "steps": state.global_step, "seconds": seconds}
     atomic_write_json(log_path, curves)
 
     # Adapter, then the merged model (masks re-applied), each written whole or not at all.

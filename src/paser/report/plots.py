@@ -58,10 +58,9 @@ def plot_budget_per_cluster(cluster_report: dict, path: str | Path) -> None:
         ax.bar(x, cluster_report["n_k"], width=0.27, label="budget n_k", color="#4c72b0")
     if "selected" in cluster_report:
         ax.bar(x + 0.27, cluster_report["selected"], width=0.27, label="accepted by NTM", color="#55a868")
-    ax.set_yscale("log")
     ax.set_xticks(x)
     ax.set_xlabel("cluster")
-    ax.set_ylabel("records (log scale)")
+    ax.set_ylabel("records")
     if "cds" in cluster_report:
         ax2 = ax.twinx()
         ax2.plot(x, cluster_report["cds"], "o-", color="#c44e52", label="CDS")

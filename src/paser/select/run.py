@@ -9,6 +9,7 @@ The baselines reuse the same artifacts where they need them. Everything expensiv
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +38,8 @@ class SelectionResult:
     report: dict = field(default_factory=dict)
 
     def summary(self) -> str:
+        if "rank" in self.report:
+            return f"rank {self.report['rank']}: scored its share into the cache; the main process writes the selection"
         lines = [f"{self.method}: selected {len(self.selected_ids)} of {self.pool_size} records -> {self.out_dir / 'selected.jsonl'}"]
         k = self.report.get("clusters", {}).get("k")
         if k:
@@ -58,6 +61,36 @@ def load_selection_pool(args: SelectArgs) -> tuple[list[Record], list[dict]]:
         keep = np.sort(rng.choice(len(records), size=args.limit, replace=False))
         records = [records[i] for i in keep]
     return records, [{"path": r.path, "kept": r.kept, "skipped": dict(r.skipped)} for r in reports]
+
+
+def _distributed_state():
+    """accelerate's process state when launched with several processes (`accelerate launch`), else None."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    import torch
+    from accelerate import PartialState
+
+    # cpu=True selects gloo: without it accelerate ignores WORLD_SIZE on a machine with no GPU.
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
+def _score_share(args: SelectArgs, records: list[Record], cache: Path, rank: int, world_size: int) -> dict:
+    """Every rank scores its share of the pool into the shared cache (the expensive part).
+
+    The main process then reads the complete table from the cache and runs clustering and
+    selection once, so the result is the same as a single process's.
+    """
+    from paser.score.engine import score_degradation, score_loss
+
+    original, pruned = _load_models(args, need_original=args.method == "paser")
+    kw = dict(template=args.template, cutoff=args.cutoff, cache_dir=cache / "scores", max_batch_tokens=args.max_batch_tokens, rank=rank, world_size=world_size)
+    if args.method == "paser":
+        score_degradation(original, pruned, records, **kw)
+    elif args.method in ("ifd", "instruction_mining"):
+        score_loss(pruned, records, condition_on_prompt=True, **kw)
+        if args.method == "ifd":
+            score_loss(pruned, records, condition_on_prompt=False, **kw)
+    return {"original": original, "pruned": pruned}
 
 
 def _cache_dir(args: SelectArgs) -> Path:
@@ -94,6 +127,19 @@ def run_selection(args: SelectArgs) -> SelectionResult:
     budget = resolve_budget(args.budget, n)
     timings["load"] = time.time() - t
     log.info("pool: %d records, budget %d, method %s", n, budget, args.method)
+
+    state = _distributed_state()
+    models: dict = {}
+    if state is not None and args.method in ("paser", "ifd", "instruction_mining"):
+        t = time.time()
+        models = _score_share(args, records, cache, state.process_index, state.num_processes)
+        timings["score_share"] = time.time() - t
+        state.wait_for_everyone()
+        if not state.is_main_process:
+            return SelectionResult(args.method, budget, n, [], out, {"rank": state.process_index, "timings_s": timings})
+    elif state is not None and not state.is_main_process:
+        state.wait_for_everyone()  # nothing to share for this method: the main process does it all
+        return SelectionResult(args.method, budget, n, [], out, {"rank": state.process_index})
 
     table: dict[str, object] = {
         "id": [r.id for r in records],
@@ -141,7 +187,10 @@ def run_selection(args: SelectArgs) -> SelectionResult:
         selected, n_k = uniform_selection(clusters.labels, budget, args.seed)
         report["clusters"]["n_k"] = n_k.tolist()
     else:
-        original, pruned = _load_models(args, need_original=args.method == "paser")
+        if models:
+            original, pruned = models["original"], models["pruned"]
+        else:
+            original, pruned = _load_models(args, need_original=args.method == "paser")
         report["models"] = {"pruned": {"spec": args.pruned, "fingerprint": pruned.fingerprint}}
         if original is not None:
             report["models"]["original"] = {"spec": args.original, "fingerprint": original.fingerprint}
@@ -182,6 +231,8 @@ def run_selection(args: SelectArgs) -> SelectionResult:
     timings["total"] = time.time() - t_start
     report.update(selected=len(chosen), timings_s=timings, environment=environment())
     atomic_write_json(out / "report.json", report)
+    if state is not None and args.method not in ("paser", "ifd", "instruction_mining"):
+        state.wait_for_everyone()
     return SelectionResult(args.method, budget, n, [r.id for r in chosen], out, report)
 
 
