@@ -161,3 +161,29 @@ def test_embedded_data_loads():
     wt = data.ppl_text("wikitext2")
     assert "\n\n" in wt and "Robert Boulter" in wt
     assert len(data.ppl_text("ptb")) > 400_000
+
+
+def test_streaming_ingest_dedups_and_reads_back(tmp_path):
+    from paser.io.stream import ingest_pool, iter_records
+
+    a = tmp_path / "a.jsonl.gz"
+    rows = [{"instruction": f"Q{i}", "input": "", "output": f"A{i}", "tag": i % 3} for i in range(250)]
+    a.write_bytes(gzip.compress(_jsonl(rows + rows[:40]).encode()))  # 40 duplicates
+    b = tmp_path / "b.jsonl"
+    b.write_text(_jsonl(rows[200:] + [{"instruction": "new", "output": "x"}]))
+    assert sum(1 for _ in iter_records(a)) == 290
+    rep = ingest_pool([a, b], tmp_path / "store", shard_size=100, show_progress=False)
+    assert (rep.records, rep.duplicates, rep.shards) == (251, 90, 3)
+    back, _ = load_records(tmp_path / "store")
+    assert len(back) == 251 and back[0].extra == {"tag": 0} and back[-1].instruction == "new"
+    assert [r.id for r in back[:250]] == [Record(f"Q{i}", "", f"A{i}").id for i in range(250)]
+
+
+def test_streaming_errors_name_the_line(tmp_path):
+    from paser.io.stream import iter_records
+
+    p = tmp_path / "s.jsonl"
+    p.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "c"}\n')
+    with pytest.raises(InputError) as ei:
+        list(iter_records(p))
+    assert ei.value.line == 2 and ei.value.field == "output"

@@ -61,7 +61,7 @@ class SelectArgs:
     ntm_threshold: float | None = _f(None, "NTM strictness: share of a candidate's known concept pairs allowed to be non-adjacent (0 = the reference rule; default 0.75, chosen by benchmarks/ntm_threshold.py)")
     ntm_max_phrases: int = _f(5, "NTM: key phrases per sample (measured: more phrases make the rule reject ordinary diverse samples)")
     ntm_multiword_only: bool = _f(True, "NTM: keep only multi-word key phrases as concepts")
-    no_ntm: bool = _f(False, "turn negative-transfer mitigation off")
+    ntm: bool = _f(True, "negative-transfer mitigation (--no-ntm turns it off)")
     template: str = _f("alpaca", "prompt template shared by scoring and recovery: alpaca | chat | plain")
     cutoff: int = _f(256, "maximum tokens per sample (prompt + response)")
     max_batch_tokens: int = _f(4096, "token budget of one scoring batch")
@@ -69,6 +69,7 @@ class SelectArgs:
     cache_dir: str | None = _f(None, "cache directory (default: $PASER_CACHE or ~/.cache/paser)")
     allow_pickle: bool = _f(False, "allow loading pickled checkpoints (trusted files only)")
     plots: bool = _f(True, "write PNG plots of the clusters and budgets")
+    estimate: bool = _f(True, "print a cost estimate (tokens, time, memory) before scoring")
 
 
 @dataclass

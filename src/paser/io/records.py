@@ -129,6 +129,9 @@ def _iter_json_array(text: str, path: Path) -> Iterator[tuple[int, Any]]:
 
 def _iter_rows(path: Path, skip_invalid: bool, report: LoadReport) -> Iterator[tuple[int | None, Any]]:
     name = path.name.lower()
+    if path.is_dir() and sorted(path.glob("part-*.parquet")):
+        yield from _iter_ingested(path)  # a pool stored by `paser.io.stream.ingest_pool`
+        return
     if path.is_dir():
         yield from _iter_hf_dataset(path)
         return
@@ -178,6 +181,15 @@ def _iter_parquet(path: Path) -> Iterator[tuple[int | None, Any]]:
         for obj in batch.to_pylist():
             row += 1
             yield row, obj
+
+
+def _iter_ingested(path: Path) -> Iterator[tuple[int | None, Any]]:
+    row = 0
+    for part in sorted(path.glob("part-*.parquet")):
+        for _, obj in _iter_parquet(part):
+            row += 1
+            extra = obj.pop("extra", "") or ""
+            yield row, {**(json.loads(extra) if extra else {}), **obj}
 
 
 def _iter_hf_dataset(path: Path) -> Iterator[tuple[int | None, Any]]:

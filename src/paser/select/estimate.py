@@ -83,7 +83,9 @@ def _time_batch(model, items, pad_id: int, device) -> tuple[float, torch.Tensor]
         return time.perf_counter() - t, logits
 
 
-def estimate_selection(args: SelectArgs, sample_size: int = 64) -> Estimate:
+def estimate_selection(args: SelectArgs, sample_size: int = 64, records: list | None = None, models: dict | None = None) -> Estimate:
+    """Predict the cost of `paser select` with `args`. `records` and `models` ({"original",
+    "pruned"}: LoadedModels) may be passed when the caller has them already (select does)."""
     from paser.io.models import load_model
     from paser.score.divergence import token_jsd
     from paser.score.engine import encode_records, plan_batches
@@ -91,7 +93,8 @@ def estimate_selection(args: SelectArgs, sample_size: int = 64) -> Estimate:
     from paser.select.run import NEEDS_EMBEDDINGS, NEEDS_PRUNED, load_selection_pool
 
     t_load = time.time()
-    records, _ = load_selection_pool(args)
+    if records is None:
+        records, _ = load_selection_pool(args)
     n = len(records)
     budget = resolve_budget(args.budget, n)
     rng = np.random.default_rng(args.seed)
@@ -104,9 +107,12 @@ def estimate_selection(args: SelectArgs, sample_size: int = 64) -> Estimate:
     sequences = 0
 
     if args.method in NEEDS_PRUNED:
-        models = [load_model(args.pruned, allow_pickle=args.allow_pickle)]
-        if args.method == "paser":
-            models.insert(0, load_model(args.original, allow_pickle=args.allow_pickle))
+        if models:
+            models = [m for m in (models.get("original"), models["pruned"]) if m is not None]
+        else:
+            models = [load_model(args.pruned, allow_pickle=args.allow_pickle)]
+            if args.method == "paser":
+                models.insert(0, load_model(args.original, allow_pickle=args.allow_pickle))
         seconds["load models"] = time.time() - t_load
         tok = models[-1].tokenizer
         items = encode_records(sample, tok, args.template, args.cutoff)

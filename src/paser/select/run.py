@@ -156,6 +156,20 @@ def run_selection(args: SelectArgs) -> SelectionResult:
         "cutoff": args.cutoff,
     }
 
+    if args.method in NEEDS_PRUNED and not models:
+        t = time.time()
+        original, pruned = _load_models(args, need_original=args.method == "paser")
+        models = {"original": original, "pruned": pruned}
+        timings["load_models"] = time.time() - t
+        if args.estimate:  # before anything expensive runs
+            from paser.select.estimate import estimate_selection
+
+            t = time.time()
+            est = estimate_selection(args, records=records, models=models)
+            log.info("%s", est.summary())
+            report["estimate"] = est.to_dict()
+            timings["estimate"] = time.time() - t
+
     embeddings = None
     if args.method in NEEDS_EMBEDDINGS:
         from paser.select.embed import embed_records
@@ -187,10 +201,7 @@ def run_selection(args: SelectArgs) -> SelectionResult:
         selected, n_k = uniform_selection(clusters.labels, budget, args.seed)
         report["clusters"]["n_k"] = n_k.tolist()
     else:
-        if models:
-            original, pruned = models["original"], models["pruned"]
-        else:
-            original, pruned = _load_models(args, need_original=args.method == "paser")
+        original, pruned = models["original"], models["pruned"]
         report["models"] = {"pruned": {"spec": args.pruned, "fingerprint": pruned.fingerprint}}
         if original is not None:
             report["models"]["original"] = {"spec": args.original, "fingerprint": original.fingerprint}
@@ -308,7 +319,7 @@ def _run_paser(args, records, clusters, original, pruned, budget, cache, table, 
     gate = None
     concepts = None
     threshold = args.ntm_threshold if args.ntm_threshold is not None else DEFAULT_THRESHOLD
-    if not args.no_ntm:
+    if args.ntm:
         concepts = extract_concepts(records, max_phrases=args.ntm_max_phrases, multiword_only=args.ntm_multiword_only, progress=False)
         gate = NTMGate(concepts, threshold=threshold)
     outcome = select_with_budget(labels, ies, n_k, gate, cds=cds, priority=ies)
