@@ -157,14 +157,21 @@ def _iter_rows(path: Path, skip_invalid: bool, report: LoadReport) -> Iterator[t
                     for obj in doc[key]:
                         yield None, obj
                     return
-    for lineno, line in enumerate(text.split("\n"), start=1):  # not splitlines(): JSON strings may hold U+2028
+    # not splitlines(): JSON strings may hold U+2028
+    yield from iter_jsonl_lines(enumerate(text.split("\n"), start=1), path, skip_invalid, report.skipped)
+
+
+def iter_jsonl_lines(numbered_lines: Iterable[tuple[int, str]], path: Path, skip_invalid: bool, skipped: Counter) -> Iterator[tuple[int, Any]]:
+    """(line number, object) for each non-blank JSONL line; a malformed line is an InputError
+    naming its line, or, with skip_invalid, a count in `skipped`."""
+    for lineno, line in numbered_lines:
         if not line.strip():
             continue
         try:
             yield lineno, json.loads(line)
         except json.JSONDecodeError as e:
             if skip_invalid:
-                report.skipped["malformed JSON"] += 1
+                skipped["malformed JSON"] += 1
                 continue
             raise InputError(str(path), f"malformed JSON: {e.msg} (column {e.colno})", line=lineno) from None
 

@@ -21,32 +21,28 @@ from typing import Iterable, Iterator
 
 from paser.errors import InputError
 from paser.io.cache import atomic_write_json, write_parquet_atomic
-from paser.io.records import Record, _default_source, _iter_parquet, load_records, normalise
+from paser.io.records import Record, _default_source, _iter_parquet, iter_jsonl_lines, load_records, normalise
 
 RECORD_COLUMNS = ("id", "instruction", "input", "output", "source", "extra")
 
 
 def _iter_jsonl(path: Path, skip_invalid: bool, skipped: Counter) -> Iterator[tuple[int, object]]:
     raw = gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
-    with raw, io.TextIOWrapper(raw, encoding="utf-8", errors="strict", newline="\n") as f:
+
+    def numbered() -> Iterator[tuple[int, str]]:
         lineno = 0
-        while True:
-            try:
-                line = f.readline()
-            except UnicodeDecodeError as e:
-                raise InputError(str(path), f"not UTF-8 text ({e.reason})", line=lineno + 1) from None
-            if not line:
-                return
-            lineno += 1
-            if not line.strip():
-                continue
-            try:
-                yield lineno, json.loads(line)
-            except json.JSONDecodeError as e:
-                if skip_invalid:
-                    skipped["malformed JSON"] += 1
-                    continue
-                raise InputError(str(path), f"malformed JSON: {e.msg} (column {e.colno})", line=lineno) from None
+        with raw, io.TextIOWrapper(raw, encoding="utf-8", errors="strict", newline="\n") as f:
+            while True:
+                try:
+                    line = f.readline()
+                except UnicodeDecodeError as e:
+                    raise InputError(str(path), f"not UTF-8 text ({e.reason})", line=lineno + 1) from None
+                if not line:
+                    return
+                lineno += 1
+                yield lineno, line
+
+    yield from iter_jsonl_lines(numbered(), path, skip_invalid, skipped)
 
 
 def iter_records(path: str | os.PathLike, skip_invalid: bool = False, skipped: Counter | None = None) -> Iterator[Record]:
