@@ -41,3 +41,30 @@ def test_cli_reports_user_error_without_traceback(tmp_path, capsys):
     rc = main(["recover", "--model", "m", "--data", str(bad), "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert rc == 2 and "bad.jsonl, line 1, field 'output'" in err and "Traceback" not in err
+
+
+def test_evaluate_command_end_to_end(tmp_path, tiny_model_dir, capsys):
+    out = tmp_path / "r.json"
+    rc = main(["evaluate", "--model", str(tiny_model_dir), "--tasks", "wikitext2,heldout,arc_easy", "--limit", "3",
+               "--ppl-tokens", "256", "--ppl-window", "64", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert rc == 0 and out.exists()
+    assert "wikitext2" in printed and "perplexity" in printed and "arc_easy" in printed and "acc" in printed
+
+
+def test_prune_and_recover_commands_end_to_end(tmp_path, tiny_model_dir, capsys):
+    import json
+
+    from paser.data import pool_path
+    from paser.io.records import load_records, write_jsonl
+
+    pruned = tmp_path / "p"
+    assert main(["prune", "--model", str(tiny_model_dir), "--method", "wanda", "--sparsity", "0.5", "--n-calibration", "4",
+                 "--ppl-tokens", "0", "--out", str(pruned)]) == 0
+    assert "achieved sparsity: 0.5" in capsys.readouterr().out
+    assert json.loads((pruned / "pruning_report.json").read_text())["method"] == "wanda"
+    write_jsonl(tmp_path / "sel.jsonl", [r.to_dict() for r in load_records(pool_path())[0][:6]])
+    assert main(["recover", "--model", str(pruned), "--data", str(tmp_path / "sel.jsonl"), "--out", str(tmp_path / "rec"),
+                 "--max-steps", "2", "--batch-size", "2"]) == 0
+    assert "training loss" in capsys.readouterr().out
+    assert (tmp_path / "rec" / "merged" / "config.json").exists()

@@ -105,6 +105,7 @@ def recover(args: RecoverArgs | None = None, **kwargs) -> str:
         max_steps=a.max_steps,
         save_steps=a.save_steps,
         resume=a.resume,
+        allow_pickle=a.allow_pickle,
     )
     if "rank" in report:
         return f"rank {report['rank']}: trained its data shard; the main process writes the outputs"

@@ -102,7 +102,7 @@ class EvalModel:
     adapter_fingerprint: str | None = None
 
 
-def load_for_evaluation(spec, adapter: str | None = None, *, device=None, dtype=None) -> EvalModel:
+def load_for_evaluation(spec, adapter: str | None = None, *, device=None, dtype=None, allow_pickle: bool = False) -> EvalModel:
     """Accept a LoadedModel, a merged model directory, an embedded name, or a PEFT adapter
     directory (its base comes from `base_model_name_or_path`), plus an optional `adapter`."""
     from paser.io.models import LoadedModel, load_model
@@ -125,7 +125,7 @@ def load_for_evaluation(spec, adapter: str | None = None, *, device=None, dtype=
     if isinstance(spec, LoadedModel):
         lm = spec
     elif isinstance(spec, (str, os.PathLike)):
-        lm = load_model(str(spec), device=device, dtype=dtype)
+        lm = load_model(str(spec), device=device, dtype=dtype, allow_pickle=allow_pickle)
     else:
         raise PaserError(f"cannot evaluate a {type(spec).__name__}; give a model directory, an embedded name or a LoadedModel")
     model, fp = lm.model, lm.fingerprint
@@ -220,6 +220,7 @@ def evaluate_model(
     cache_dir: str | os.PathLike | None = None,
     use_cache: bool = True,
     show_progress: bool = True,
+    allow_pickle: bool = False,
 ) -> dict:
     """Evaluate one model on `tasks` (names from VALID_TASKS or SHORTHANDS) and write the results JSON.
 
@@ -237,7 +238,7 @@ def evaluate_model(
         raise PaserError(f"perplexity needs window >= 2 and max_tokens >= window (got {ppl_window}, {ppl_max_tokens})")
     names = resolve_tasks(tasks)
     t_start = time.time()
-    em = load_for_evaluation(model_spec_or_loaded, adapter)
+    em = load_for_evaluation(model_spec_or_loaded, adapter, allow_pickle=allow_pickle)
     device = next(em.model.parameters()).device
     bs = batch_size or _default_batch_size(device)
     cache_root = Path(cache_dir) if cache_dir else default_cache_dir() / "eval"
@@ -288,3 +289,22 @@ def evaluate_model(
     if out_path is not None:
         atomic_write_json(out_path, out)
     return out
+
+
+def format_results(results: dict) -> str:
+    """The results as a short plain-text table, one line per task."""
+    lines = [f"model {results['model']['name']} (fingerprint {results['model']['fingerprint']}), limit {results['limit']}, seed {results['seed']}"]
+    for task, r in results["results"].items():
+        if "ppl" in r and task in PPL_TASKS:
+            lines.append(f"  {task:<14} perplexity {r['ppl']:.2f} (window {r['window']}, {r['n_tokens']} tokens)")
+        elif task == HELDOUT_TASK:
+            caps = ", ".join(f"{c} {v['loss']:.3f}±{v['loss_stderr']:.3f}" for c, v in r["capabilities"].items())
+            lines.append(f"  {task:<14} response loss (nats): {caps}")
+        else:
+            lines.append(
+                f"  {task:<14} acc {r['acc']:.3f}±{r['acc_stderr']:.3f}  acc_norm {r['acc_norm']:.3f}±{r['acc_norm_stderr']:.3f}  (n={r['n']})"
+            )
+    s = results.get("summary", {})
+    if "mean_acc" in s:
+        lines.append(f"  {'mean':<14} acc {s['mean_acc']:.3f}  acc_norm {s['mean_acc_norm']:.3f} over {len(s['commonsense_tasks'])} tasks")
+    return "\n".join(lines)

@@ -215,6 +215,7 @@ def recover(
     gradient_checkpointing: bool = False,
     keep_checkpoints: bool = False,
     show_progress: bool = True,
+    allow_pickle: bool = False,
     callbacks: Sequence[Any] = (),
 ) -> dict:
     """LoRA-recover `model_spec` on `records`; write adapter/, merged/, logs and a report into out_dir.
@@ -251,7 +252,7 @@ def recover(
     out.mkdir(parents=True, exist_ok=True)
     ckpt_dir = out / "checkpoints"
 
-    lm = load_model(model_spec)
+    lm = load_model(model_spec, allow_pickle=allow_pickle)
     model, tok = lm.model, lm.tokenizer
     dtype = _training_dtype(model)
     device = next(model.parameters()).device
