@@ -68,3 +68,10 @@ def test_prune_and_recover_commands_end_to_end(tmp_path, tiny_model_dir, capsys)
                  "--max-steps", "2", "--batch-size", "2"]) == 0
     assert "training loss" in capsys.readouterr().out
     assert (tmp_path / "rec" / "merged" / "config.json").exists()
+
+
+def test_estimate_command(tmp_path, tiny_model_dir, tiny_pruned_dir, capsys):
+    rc = main(["estimate", "--original", str(tiny_model_dir), "--pruned", str(tiny_pruned_dir), "--limit", "40", "--budget", "4",
+               "--cache-dir", str(tmp_path / "c")])
+    out = capsys.readouterr().out
+    assert rc == 0 and "on 40 records (budget 4)" in out and "forward passes: 80 sequences" in out and "peak memory" in out
