@@ -120,22 +120,21 @@ def run_pipeline(config_path: str | Path, out: str | None = None) -> str:
 
     def evaluate(name: str, model: str) -> dict | None:
         """Evaluate one model; `evaluate.limits` ({task: n}) overrides `evaluate.limit` per task."""
-        from paser.evaluate.runner import evaluate_model
+        from paser.evaluate.runner import evaluate_model, load_for_evaluation, resolve_tasks
 
         tasks = [t.strip() for t in str(ev.get("tasks", "wikitext2,ptb")).split(",") if t.strip()]
         limits = dict(ev.get("limits") or {})
         groups: dict = {}
-        from paser.evaluate.runner import resolve_tasks
-
         for t in resolve_tasks(tasks):
             groups.setdefault(limits.get(t, ev.get("limit")), []).append(t)
         merged: dict | None = None
         try:
+            loaded = timed("evaluate", load_for_evaluation, model)  # once, for every limit group
             for limit, group in groups.items():
                 res = timed(
                     "evaluate",
                     evaluate_model,
-                    model,
+                    loaded,
                     tasks=group,
                     limit=limit,
                     seed=int(ev.get("seed", 0)),

@@ -157,7 +157,6 @@ def resolve_model_path(model: str, cache_dir: Path | None = None) -> tuple[str, 
 def fingerprint_directory(path: str | os.PathLike) -> str:
     """sha256 over config.json and every weight file, in name order."""
     p = Path(path)
-    marker = p / "paser_model.json"
     h = hashlib.sha256()
     files = sorted(
         [f for f in p.iterdir() if f.name == "config.json" or f.suffix in (".safetensors", ".bin", ".pt", ".pth")]
@@ -169,7 +168,6 @@ def fingerprint_directory(path: str | os.PathLike) -> str:
         with open(f, "rb") as fh:
             for chunk in iter(lambda: fh.read(1 << 24), b""):
                 h.update(chunk)
-    del marker
     return h.hexdigest()[:16]
 
 
