@@ -27,7 +27,9 @@ def test_sigkill_during_scoring_then_resume(tmp_path, tiny_model_dir, tiny_prune
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
-        if list((cache / "scores").rglob("shard-*.parquet")):  # scoring has flushed its first batches
+        # Wait for the degradation scores themselves: the hidden-state cache under scores/final_hidden
+        # flushes its own shard just before, and a kill between the two leaves no scores cached.
+        if list((cache / "scores" / "degradation").rglob("shard-*.parquet")):
             proc.send_signal(signal.SIGKILL)
             break
         time.sleep(0.005)

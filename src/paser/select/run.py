@@ -83,7 +83,7 @@ def _score_share(args: SelectArgs, records: list[Record], cache: Path, rank: int
     from paser.score.engine import score_degradation, score_loss
 
     original, pruned = _load_models(args, need_original=args.method == "paser")
-    kw = dict(template=args.template, cutoff=args.cutoff, cache_dir=cache / "scores", max_batch_tokens=args.max_batch_tokens, rank=rank, world_size=world_size)
+    kw = dict(template=args.template, cutoff=args.cutoff, cache_dir=cache, max_batch_tokens=args.max_batch_tokens, rank=rank, world_size=world_size)
     if args.method == "paser":
         score_degradation(original, pruned, records, **kw)
     elif args.method in ("ifd", "instruction_mining"):
@@ -300,7 +300,7 @@ def _run_paser(args, records, clusters, original, pruned, budget, cache, table, 
 
     t = time.time()
     scores = score_degradation(
-        original, pruned, records, template=args.template, cutoff=args.cutoff, cache_dir=cache / "scores", max_batch_tokens=args.max_batch_tokens
+        original, pruned, records, template=args.template, cutoff=args.cutoff, cache_dir=cache, max_batch_tokens=args.max_batch_tokens
     )
     timings["score"] = time.time() - t
     report["scoring"] = scores.stats.__dict__ if hasattr(scores.stats, "__dict__") else {}
@@ -360,7 +360,7 @@ def _run_paser(args, records, clusters, original, pruned, budget, cache, table, 
 def _ifd_losses(args, records, pruned, cache):
     from paser.score.engine import score_loss
 
-    kw = dict(template=args.template, cutoff=args.cutoff, cache_dir=cache / "scores", max_batch_tokens=args.max_batch_tokens)
+    kw = dict(template=args.template, cutoff=args.cutoff, cache_dir=cache, max_batch_tokens=args.max_batch_tokens)
     cond = score_loss(pruned, records, condition_on_prompt=True, **kw)
     uncond = score_loss(pruned, records, condition_on_prompt=False, **kw)
     return np.asarray(cond.nll, dtype=np.float64), np.asarray(uncond.nll, dtype=np.float64), cond
@@ -383,7 +383,7 @@ def _run_instruction_mining(args, records, pruned, embeddings, budget, cache, ta
     from paser.select.baselines import INSTRUCTION_MINING_WEIGHTS, instruction_mining_scores, knn_distance, lexical_diversity, top_b
 
     t = time.time()
-    cond = score_loss(pruned, records, template=args.template, cutoff=args.cutoff, cache_dir=cache / "scores", max_batch_tokens=args.max_batch_tokens)
+    cond = score_loss(pruned, records, template=args.template, cutoff=args.cutoff, cache_dir=cache, max_batch_tokens=args.max_batch_tokens)
     timings["score"] = time.time() - t
     ind = {
         "knn6_distance": knn_distance(embeddings, 6),
@@ -405,7 +405,7 @@ def _run_nuggets(args, records, pruned, embeddings, budget, cache, table, report
 
     t = time.time()
     anchors = nuggets_anchor_indices(embeddings, n_anchors, args.seed)
-    kw = dict(template="raw", cutoff=2 * args.cutoff, cache_dir=cache / "scores", max_batch_tokens=args.max_batch_tokens)
+    kw = dict(template="raw", cutoff=2 * args.cutoff, cache_dir=cache, max_batch_tokens=args.max_batch_tokens)
     zero = [Record(render_prompt(records[a], args.template), "", records[a].output) for a in anchors]
     zero_nll = np.asarray(score_loss(pruned, zero, **kw).nll, dtype=np.float64)
     pairs = []
