@@ -114,9 +114,13 @@ def heldout_loss(
     sums, counts = response_nll_sums(
         model, [(e.input_ids, e.n_prompt) for e in enc], pad_id=int(pad_id), batch_size=batch_size, show_progress=show_progress
     )
+    per_record = np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
     return {
         "capabilities": summarise([c for c, _ in chosen], sums, counts),
         "template": template,
         "cutoff": cutoff,
         "record_ids": [r.id for _, r in chosen],
+        # Per record, aligned with record_ids: what paired comparisons between models use.
+        "record_capabilities": [c for c, _ in chosen],
+        "record_loss": [None if math.isnan(x) else float(x) for x in per_record],
     }

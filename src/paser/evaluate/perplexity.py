@@ -10,7 +10,7 @@ with different windows do not compare.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 from tqdm.auto import tqdm
@@ -25,6 +25,9 @@ class PerplexityResult:
     n_tokens: int  # predicted tokens
     window: int
     n_windows: int
+    # Mean NLL of each window, in order: two models scored on the same windows compare pairwise
+    # (paser.report.paired), which resolves far smaller differences than two separate errors.
+    window_nll: list[float] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -97,7 +100,7 @@ def perplexity(
     n_tok = windows.shape[0] * (window - 1)
     nll = float(sums.sum() / n_tok)
     stderr = float(per_window.std(unbiased=True) / math.sqrt(len(per_window))) if len(per_window) > 1 else float("nan")
-    return PerplexityResult(corpus, math.exp(nll), nll, stderr, n_tok, window, windows.shape[0])
+    return PerplexityResult(corpus, math.exp(nll), nll, stderr, n_tok, window, windows.shape[0], [float(x) for x in per_window])
 
 
 def corpus_perplexity(model, tokenizer, corpus: str = "wikitext2", **kw) -> PerplexityResult:

@@ -182,9 +182,8 @@ def run_task(em: EvalModel, task: str, *, limit, seed, ppl_window, ppl_max_token
     if task == HELDOUT_TASK:
         return heldout.heldout_loss(em.model, em.tokenizer, limit=limit, seed=seed, batch_size=batch_size, show_progress=show_progress)
     r = zeroshot.evaluate_task(em.model, em.tokenizer, task, limit=limit, seed=seed, batch_size=batch_size, show_progress=show_progress)
-    d = r.to_dict()
-    d["item_indices"] = r.indices
-    return d
+    # with the per-item log-likelihoods ("items"), which paired comparisons between models use
+    return r.to_dict(with_items=True)
 
 
 def summarise(results: dict[str, dict]) -> dict:

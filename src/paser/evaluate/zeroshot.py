@@ -165,18 +165,25 @@ def mean_and_stderr(values) -> tuple[float, float]:
     return float(a.mean()), se
 
 
+def choice_metrics(lls, gold: int) -> dict[str, float]:
+    """The per-item metrics that need only the log-likelihoods (not the choice strings)."""
+    lls = np.asarray(lls, dtype=np.float64)
+    return {
+        "acc": float(np.argmax(lls) == gold),
+        "gold_loglik": float(lls[gold]),
+        "gold_choice_logprob": float(lls[gold] - np.logaddexp.reduce(lls)),
+    }
+
+
 def item_metrics(lls, choices, gold: int) -> dict[str, float]:
     """Per-item metrics from the per-choice summed log-likelihoods (lm-eval's process_results)."""
     lls = np.asarray(lls, dtype=np.float64)
     char_len = np.array([float(len(c)) for c in choices])
     byte_len = np.array([float(len(c.encode("utf-8"))) for c in choices])
-    log_norm = lls - np.logaddexp.reduce(lls)
     return {
-        "acc": float(np.argmax(lls) == gold),
+        **choice_metrics(lls, gold),
         "acc_norm": float(np.argmax(lls / char_len) == gold),
         "acc_bytes": float(np.argmax(lls / byte_len) == gold),
-        "gold_loglik": float(lls[gold]),
-        "gold_choice_logprob": float(log_norm[gold]),
     }
 
 

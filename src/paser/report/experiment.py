@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from paser.io.cache import atomic_write_text
+from paser.report.paired import paired_table
 
 TASK_LABELS = {
     "boolq": "BoolQ",
@@ -69,13 +70,17 @@ def _columns(rows: list[dict]) -> list[tuple[str, str, str, float]]:
     return cols
 
 
-def build_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
-    cols = _columns(rows)
-    acc_tasks = [c[1] for c in cols if c[2] == "acc"]
+def build_table(rows: list[dict], cols: list[tuple[str, str, str, float]] | None = None, mean_key: str | None = "acc") -> tuple[list[str], list[list[str]]]:
+    """One row per (method, budget): the given columns (default: the main table's), each as
+    value ± stderr for one seed or mean ± std over seeds, plus the mean over the commonsense
+    tasks of `mean_key` (None: no mean column)."""
+    cols = _columns(rows) if cols is None else cols
+    mean_tasks = [c[1] for c in cols if c[2] == mean_key and c[1] in TASK_LABELS]
+    scale = next((c[3] for c in cols if c[2] == mean_key), 1.0)
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
         groups.setdefault((row["method"], row.get("budget")), []).append(row)
-    header = ["Method", "Budget", "Seeds"] + [c[0] for c in cols] + (["Mean acc"] if acc_tasks else [])
+    header = ["Method", "Budget", "Seeds"] + [c[0] for c in cols] + (["Mean acc" if mean_key == "acc" else "Mean"] if mean_tasks else [])
     body = []
     for (method, budget), rs in groups.items():
         ok = [r for r in rs if r.get("results")]
@@ -83,17 +88,27 @@ def build_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
         if not ok:
             body.append(cells + ["failed"] * (len(header) - 3))
             continue
-        for _, task, key, scale in cols:
+        for _, task, key, sc in cols:
             vals = [m for m in (_metric(r["results"], task, key) for r in ok) if m is not None]
-            cells.append(_fmt(_agg(vals), scale) if vals else "-")
-        if acc_tasks:
-            means = [(float(np.mean([_metric(r["results"], t, "acc")[0] for t in acc_tasks])), float("nan")) for r in ok]
+            cells.append(_fmt(_agg(vals), sc) if vals else "-")
+        if mean_tasks:
+            per = [[_metric(r["results"], t, mean_key) for t in mean_tasks] for r in ok]
+            if any(m is None for p in per for m in p):
+                cells.append("-")
+                body.append(cells)
+                continue
+            means = [(float(np.mean([m[0] for m in p])), float("nan")) for p in per]
             if len(ok) == 1:  # stderr of a mean of independent task means
-                ses = [_metric(ok[0]["results"], t, "acc")[1] for t in acc_tasks]
-                means = [(means[0][0], math.sqrt(sum(s * s for s in ses)) / len(ses))]
-            cells.append(_fmt(_agg(means), 100.0))
+                ses = [m[1] for m in per[0]]
+                means = [(means[0][0], math.sqrt(sum(x * x for x in ses)) / len(ses))]
+            cells.append(_fmt(_agg(means), scale))
         body.append(cells)
     return header, body
+
+
+def choice_logprob_columns(rows: list[dict]) -> list[tuple[str, str, str, float]]:
+    """The commonsense tasks present, as mean log-probability of the gold choice (nats)."""
+    return [(lab, t, "gold_choice_logprob", 1.0) for lab, t, key, _ in _columns(rows) if key == "acc"]
 
 
 def _fmt(v: tuple[float, float, int], scale: float) -> str:
@@ -171,6 +186,23 @@ def write_experiment_report(summary: dict, root: Path) -> tuple[str, Path]:
     rows = summary["rows"]
     header, body = build_table(rows)
     table = markdown_table(header, body)
+    # Secondary tables: log-probability of the gold choice (separates small models better than
+    # accuracy), and paired differences against random and against the unrecovered model.
+    extra: list[tuple[str, str, tuple[list[str], list[list[str]]]]] = []
+    lp_cols = choice_logprob_columns(rows)
+    if lp_cols:
+        extra.append(("Commonsense: log-probability of the gold choice",
+                      "Mean over items of log softmax(choice log-likelihoods)[gold], nats; higher is better. "
+                      "± standard error (one seed) or std over seeds.",
+                      build_table(rows, lp_cols, mean_key="gold_choice_logprob")))
+    methods = {r["method"] for r in rows}
+    for ref in ("random", "pruned, no recovery"):
+        pt = paired_table(rows, ref) if ref in methods else None
+        if pt:
+            extra.append((f"Paired differences against {ref}",
+                          "Per window, record or item, method minus reference (each method's value averaged over its seeds "
+                          "first), then mean ± paired standard error. Negative is better for NLL and loss, positive for "
+                          "the gold log-probability.", pt))
     plots: list[tuple[str, Path]] = []
     if _plot_vs_budget(rows, root / "metrics_vs_budget.png"):
         plots.append(("Accuracy and perplexity against budget", root / "metrics_vs_budget.png"))
@@ -198,6 +230,10 @@ def write_experiment_report(summary: dict, root: Path) -> tuple[str, Path]:
         "",
         table,
         "",
+    ]
+    for title, note, (h, b) in extra:
+        md += [f"## {title}", "", note, "", markdown_table(h, b), ""]
+    md += [
         "## Costs",
         *cost_lines,
         "",
@@ -211,8 +247,12 @@ def write_experiment_report(summary: dict, root: Path) -> tuple[str, Path]:
     def img(p: Path) -> str:
         return "data:image/png;base64," + base64.b64encode(p.read_bytes()).decode()
 
-    th = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    trs = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in body)
+    def html_table(h: list[str], b: list[list[str]]) -> str:
+        th = "".join(f"<th>{html.escape(x)}</th>" for x in h)
+        trs = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in b)
+        return f"<table><thead><tr>{th}</tr></thead><tbody>{trs}</tbody></table>"
+
+    extra_html = "".join(f"<h2>{html.escape(t)}</h2><p>{html.escape(n)}</p>{html_table(h, b)}" for t, n, (h, b) in extra)
     figs = "".join(f'<figure><img src="{img(p)}" alt="{html.escape(t)}"><figcaption>{html.escape(t)}</figcaption></figure>' for t, p in plots)
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>paser experiment report</title>
@@ -227,7 +267,8 @@ pre {{ background: #f7f7f7; padding: 1rem; overflow-x: auto; font-size: 0.8rem; 
 <h1>paser experiment report</h1>
 <p>Pruned model: <code>{html.escape(summary['pruned_model'])}</code>. Evaluation: <code>{html.escape(json.dumps(eval_cfg))}</code>.
 Accuracies in %, ± standard error (one seed) or ± std over seeds.</p>
-<table><thead><tr>{th}</tr></thead><tbody>{trs}</tbody></table>
+{html_table(header, body)}
+{extra_html}
 <h2>Costs</h2><pre>{html.escape(chr(10).join(cost_lines))}</pre>
 {"<h2>Failed stages</h2><pre>" + html.escape(chr(10).join(f['stage'] + ': ' + f['error'] for f in summary['failures'])) + "</pre>" if summary.get('failures') else ""}
 <h2>Plots</h2>{figs}
