@@ -41,7 +41,8 @@ def make_tokenizer(vocab_size: int = 320):
     return fast
 
 
-def tiny_llama(vocab_size: int, seed: int = 0, **overrides):
+def tiny_llama(vocab_size: int = 128, seed: int = 0, **overrides):
+    """A random-initialised 2-layer LLaMA; `overrides` change any LlamaConfig field."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -63,6 +64,20 @@ def tiny_llama(vocab_size: int, seed: int = 0, **overrides):
     return LlamaForCausalLM(LlamaConfig(**cfg)).eval()
 
 
+def magnitude_prune_(model, share: float = 0.5):
+    """Zero the smallest-magnitude `share` of every decoder-layer Linear weight, in place (a
+    stand-in pruned model that needs no calibration); returns the model."""
+    import torch
+
+    with torch.no_grad():
+        for name, mod in model.named_modules():
+            if isinstance(mod, torch.nn.Linear) and ".layers." in name:
+                w = mod.weight
+                thr = w.abs().flatten().kthvalue(int(w.numel() * share)).values
+                w[w.abs() <= thr] = 0.0
+    return model
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     return make_tokenizer()
@@ -81,15 +96,8 @@ def tiny_model_dir(tmp_path_factory, tiny_tokenizer):
 @pytest.fixture(scope="session")
 def tiny_pruned_dir(tmp_path_factory, tiny_tokenizer):
     """A second tiny LLaMA with the same tokenizer and different weights (a stand-in 'pruned' model)."""
-    import torch
-
     d = tmp_path_factory.mktemp("tiny_llama_pruned")
-    model = tiny_llama(len(tiny_tokenizer), seed=1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 2 and "layers" in name:
-                thresh = p.abs().flatten().kthvalue(p.numel() // 2).values
-                p.mul_((p.abs() > thresh).to(p.dtype))
+    model = magnitude_prune_(tiny_llama(len(tiny_tokenizer), seed=1))
     model.save_pretrained(d)
     tiny_tokenizer.save_pretrained(d)
     return d

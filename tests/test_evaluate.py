@@ -10,6 +10,8 @@ import pytest
 import torch
 import transformers
 
+from conftest import tiny_llama
+
 from paser.data import COMMONSENSE_TASKS, load_commonsense
 from paser.errors import PaserError
 from paser.evaluate import heldout, runner, zeroshot
@@ -36,13 +38,7 @@ def _tiny_tokenizer():
 @pytest.fixture(scope="module")
 def tiny():
     tok = _tiny_tokenizer()
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
-        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-    )
-    model = transformers.LlamaForCausalLM(cfg).eval()
-    return model, tok
+    return tiny_llama(len(tok), max_position_embeddings=1024, tie_word_embeddings=False), tok
 
 
 def _hand_loglik(model, tok, ctx: str, cont: str) -> float:

@@ -9,6 +9,8 @@ import pytest
 import torch
 import transformers
 
+from conftest import tiny_llama
+
 from paser.errors import PaserError
 from paser.prune import decoder_layers, load_calibration, prune_model, save_pruned
 from paser.prune.calibration import tokenize_calibration
@@ -27,22 +29,8 @@ from paser.prune.wanda import update_column_sq_norms, wanda_mask
 # ----------------------------------------------------------------------------- fixtures
 
 
-def tiny_config(layers: int = 2) -> transformers.LlamaConfig:
-    return transformers.LlamaConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-        max_position_embeddings=128,
-    )
-
-
 def tiny_model(layers: int = 2, seed: int = 0) -> transformers.LlamaForCausalLM:
-    torch.manual_seed(seed)
-    return transformers.LlamaForCausalLM(tiny_config(layers)).eval()
+    return tiny_llama(128, seed, hidden_size=64, intermediate_size=128, num_hidden_layers=layers, max_position_embeddings=128)
 
 
 class CharTokenizer:

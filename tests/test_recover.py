@@ -10,6 +10,8 @@ import json
 import pytest
 import torch
 
+from conftest import magnitude_prune_, tiny_llama
+
 from paser.errors import PaserError
 from paser.io.records import Record
 from paser.recover import (
@@ -56,29 +58,6 @@ def _tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
 
 
-def _tiny_model(vocab: int, seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-        pad_token_id=0, bos_token_id=1, eos_token_id=2,
-    )  # fmt: skip
-    return LlamaForCausalLM(cfg).eval()
-
-
-def _magnitude_prune_(model, share: float = 0.5) -> None:
-    """Zero the smallest-magnitude `share` of each decoder Linear weight, in place."""
-    with torch.no_grad():
-        for name, mod in model.named_modules():
-            if isinstance(mod, torch.nn.Linear) and ".layers." in name:
-                w = mod.weight
-                k = int(w.numel() * share)
-                thr = w.abs().flatten().kthvalue(k).values
-                w[w.abs() <= thr] = 0
-
-
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
     """Tiny matrices: one thread is faster, and far faster on a busy shared CPU (measured 40x)."""
@@ -97,10 +76,10 @@ def tok():
 def model_dirs(tmp_path_factory, tok):
     """(dense dir, 50 %-sparse dir) of the same tiny LLaMA, each with the tokenizer."""
     root = tmp_path_factory.mktemp("models")
-    dense = _tiny_model(len(tok))
+    dense = tiny_llama(len(tok), tie_word_embeddings=False)
     dense.save_pretrained(root / "dense")
     tok.save_pretrained(root / "dense")
-    _magnitude_prune_(dense)
+    magnitude_prune_(dense)
     dense.save_pretrained(root / "sparse")
     tok.save_pretrained(root / "sparse")
     return root / "dense", root / "sparse"
@@ -138,7 +117,7 @@ def test_labels_mask_exactly_the_prompt(tok):
 
 
 def test_loss_is_mean_over_response_tokens_only(tok):
-    model = _tiny_model(len(tok))
+    model = tiny_llama(len(tok), tie_word_embeddings=False)
     ds = encode_records(_records(4), tok, "alpaca", cutoff=256)
     batch = pad_batch(ds.examples, pad_token_id=tok.pad_token_id)
     with torch.no_grad():
@@ -172,7 +151,7 @@ def test_lora_targets_every_decoder_projection():
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
     names = ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
-    regex, leaves = lora_target_modules(_tiny_model(64))
+    regex, leaves = lora_target_modules(tiny_llama(64, tie_word_embeddings=False))
     assert leaves == names
     gemma = Gemma3ForCausalLM(
         Gemma3TextConfig(
@@ -295,7 +274,7 @@ def test_resume_gives_the_same_adapter(tmp_path, model_dirs):
 def test_training_loss_falls_and_validation_is_logged(tmp_path, tok):
     # A random tiny LM head (std 0.02) caps every logit near 0, so no adapter could fit the data;
     # a 15x larger head leaves the LoRA layers room to learn.
-    model = _tiny_model(len(tok))
+    model = tiny_llama(len(tok), tie_word_embeddings=False)
     with torch.no_grad():
         model.lm_head.weight.mul_(15)
     model.save_pretrained(tmp_path / "m")
@@ -334,7 +313,7 @@ def test_real_smollm2_sparse_recovery_keeps_sparsity(tmp_path, one_thread):
     from paser.io.records import load_records
 
     lm = load_model("smollm2-135m")
-    _magnitude_prune_(lm.model)
+    magnitude_prune_(lm.model)
     lm.model.save_pretrained(tmp_path / "sparse")
     lm.tokenizer.save_pretrained(tmp_path / "sparse")
     before = sparsity_masks(lm.model)

@@ -17,6 +17,8 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import magnitude_prune_, tiny_llama
+
 from paser.errors import PaserError
 from paser.io.models import LoadedModel, fingerprint_model
 from paser.io.records import Record
@@ -46,35 +48,8 @@ class CharTok:
         return {f"<{i}>": i for i in range(123)}
 
 
-def tiny_llama(seed: int = 0, tie: bool = False) -> torch.nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=128,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        initializer_range=0.2,
-        tie_word_embeddings=tie,
-    )
-    return LlamaForCausalLM(cfg).eval()
-
-
 def magnitude_pruned(model: torch.nn.Module, frac: float = 0.5) -> torch.nn.Module:
-    m = copy.deepcopy(model)
-    with torch.no_grad():
-        for layer in m.model.layers:
-            for mod in layer.modules():
-                if isinstance(mod, torch.nn.Linear):
-                    w = mod.weight
-                    k = int(w.numel() * frac)
-                    thr = w.abs().flatten().kthvalue(k).values
-                    w[w.abs() <= thr] = 0.0
-    return m
+    return magnitude_prune_(copy.deepcopy(model), frac)
 
 
 def loaded(model, name) -> LoadedModel:
@@ -113,7 +88,7 @@ def direct_scores(orig, pruned, records, template, cutoff):
 
 @pytest.fixture(scope="module")
 def models():
-    o = tiny_llama(0)
+    o = tiny_llama(128, seed=0, initializer_range=0.2, tie_word_embeddings=False)
     return loaded(o, "orig"), loaded(magnitude_pruned(o, 0.5), "pruned50"), loaded(magnitude_pruned(o, 0.3), "pruned30")
 
 
