@@ -122,3 +122,4 @@ def test_gold_logprob_table_and_report_sections(tmp_path):
     md = (tmp_path / "report.md").read_text()
     for section in ("log-probability of the gold choice", "Paired differences against random", "Paired differences against pruned, no recovery"):
         assert section in md and section in html_path.read_text()
+    assert "Paired differences against random" in table and "pruned, no recovery" in table

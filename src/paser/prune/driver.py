@@ -225,7 +225,7 @@ def _prune_layer_structured(
 def _rewrite_config(model: nn.Module, plan: StructuredPlan, n_rep: int, head_dim: int) -> dict:
     """Make the config describe the new shapes, so that `from_pretrained` builds matching modules."""
     cfg = model.config
-    before = {k: getattr(cfg, k) for k in ("intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim")}
+    before = {k: getattr(cfg, k, None) for k in ("intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim")}
     cfg.intermediate_size = plan.channels_keep
     cfg.num_attention_heads = plan.kv_groups_keep * n_rep
     cfg.num_key_value_heads = plan.kv_groups_keep

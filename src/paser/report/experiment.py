@@ -182,7 +182,7 @@ def _plot_vs_budget(rows: list[dict], path: Path) -> bool:
 
 
 def write_experiment_report(summary: dict, root: Path) -> tuple[str, Path]:
-    """Writes report.md and report.html under root; returns (the table as text, html path)."""
+    """Writes report.md and report.html under root; returns (the tables to print, html path)."""
     rows = summary["rows"]
     header, body = build_table(rows)
     table = markdown_table(header, body)
@@ -277,4 +277,10 @@ Accuracies in %, ± standard error (one seed) or ± std over seeds.</p>
 </body></html>
 """
     atomic_write_text(root / "report.html", page)
-    return table, root / "report.html"
+    # What the terminal shows: the main table and the paired comparison with random, the
+    # question a user asks first ("does this selection beat random at this budget?").
+    shown = table
+    for title, _, (h, b) in extra:
+        if title.startswith("Paired differences against random"):
+            shown += f"\n\n{title} (negative is better for NLL and loss):\n" + markdown_table(h, b)
+    return shown, root / "report.html"
