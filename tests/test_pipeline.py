@@ -53,6 +53,52 @@ def test_pipeline_end_to_end_and_incremental(tmp_path, tiny_model_dir, tiny_prun
     assert [r["method"] for r in res2["rows"]][-1] == "uniform"
 
 
+def test_interrupted_pipeline_leaves_a_partial_report_and_resumes(tmp_path, tiny_model_dir, tiny_pruned_dir, monkeypatch):
+    import paser.pipeline as pl
+
+    out = tmp_path / "run"
+    cfg = _config(tmp_path / "exp.yaml", tiny_model_dir, tiny_pruned_dir, out, ["random", "uniform"])
+    real = pl._run_unit
+
+    def killed_at_uniform(cfg_, root, pruned_dir, prune_key, method, *a):
+        if method == "uniform":
+            raise KeyboardInterrupt  # as Ctrl-C or a kill would stop the run here
+        return real(cfg_, root, pruned_dir, prune_key, method, *a)
+
+    monkeypatch.setattr(pl, "_run_unit", killed_at_uniform)
+    with pytest.raises(KeyboardInterrupt):
+        pl.run_pipeline(cfg)
+    res = json.loads((out / "results.json").read_text())
+    assert res["progress"] == {"units_done": 1, "units_total": 2, "complete": False}
+    assert [r["method"] for r in res["rows"]] == ["dense (unpruned)", "pruned, no recovery", "random"]
+    assert "Incomplete: 1 of 2" in (out / "report.md").read_text() and "Incomplete: 1 of 2" in (out / "report.html").read_text()
+    done_before = {p.parent.name for p in out.glob("*/*/DONE.json")}
+
+    monkeypatch.setattr(pl, "_run_unit", real)
+    pl.run_pipeline(cfg)
+    res = json.loads((out / "results.json").read_text())
+    assert res["progress"]["complete"] and "Incomplete" not in (out / "report.md").read_text()
+    new = {p.parent.name for p in out.glob("*/*/DONE.json")} - done_before
+    assert len(new) == 2 and all(n.startswith("uniform-b6-s0-") for n in new)  # its select and recover stages only
+    assert "select" not in res["costs_s"] or res["costs_s"]["select"] > 0
+
+
+def test_pipeline_units_run_seed_major(tmp_path, tiny_model_dir, tiny_pruned_dir, monkeypatch):
+    import paser.pipeline as pl
+
+    cfg = _config(tmp_path / "exp.yaml", tiny_model_dir, tiny_pruned_dir, tmp_path / "run", ["random", "full"])
+    cfg.write_text(cfg.read_text().replace("seeds: [0]", "seeds: [0, 1]") + "include_dense: false\ninclude_unrecovered: false\n")
+    order = []
+
+    def record(cfg_, root, pruned_dir, prune_key, method, budget, seed, *a):
+        order.append((method, seed))
+        raise RuntimeError("not run here")
+
+    monkeypatch.setattr(pl, "_run_unit", record)
+    pl.run_pipeline(cfg)
+    assert order == [("random", 0), ("full", 0), ("random", 1)]  # full data: one seed
+
+
 def test_pipeline_config_errors_name_the_key(tmp_path, capsys):
     cfg = tmp_path / "bad.yaml"
     cfg.write_text("out: x\nmethodz: [paser]\n")

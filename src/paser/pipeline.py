@@ -163,41 +163,58 @@ def run_pipeline(config_path: str | Path, out: str | None = None) -> str:
             log.error("evaluate %s failed: %s", name, e)
             return None
 
+    from paser.io.provenance import environment
+    from paser.report.experiment import write_experiment_report
+
+    # Seed-major order: every method's first seed comes before any second seed, so a long run
+    # that is interrupted already holds one complete comparison (and re-running continues it).
+    units = [
+        (str(budget), method, int(seed))
+        for seed in cfg.seeds
+        for budget in cfg.budgets
+        for method in cfg.methods
+        if not (method == "full" and seed != cfg.seeds[0])  # full data has nothing to sample: one seed
+    ]
+    selections: dict[str, dict] = {}
+
+    def write_report(done: int) -> tuple[str, Path]:
+        """results.json and the report as they stand; rewritten after every unit, so an
+        interrupted run leaves a report of what it finished."""
+        costs["total"] = time.time() - t0
+        summary = {
+            "config": dataclasses.asdict(cfg),
+            "config_file": str(config_path),
+            "pruned_model": pruned_dir,
+            "rows": rows,
+            "selections": selections,
+            "costs_s": costs,
+            "failures": failures,
+            "progress": {"units_done": done, "units_total": len(units), "complete": done == len(units)},
+            "environment": environment(),
+        }
+        atomic_write_json(root / "results.json", summary)
+        return write_experiment_report(summary, root)
+
     if cfg.include_dense:
         rows.append({"method": "dense (unpruned)", "budget": None, "seed": None, "results": evaluate("dense", cfg.original)})
     if cfg.include_unrecovered:
         rows.append({"method": "pruned, no recovery", "budget": None, "seed": None, "results": evaluate("unrecovered", pruned_dir)})
 
-    selections: dict[str, dict] = {}
-    for budget in cfg.budgets:
-        for method in cfg.methods:
-            for seed in cfg.seeds if method not in ("full",) else cfg.seeds[:1]:
-                label = f"{method}-b{budget}-s{seed}"
-                try:
-                    row = _run_unit(cfg, root, pruned_dir, prune_key, method, str(budget), int(seed), timed, evaluate)
-                    selections[label] = row.pop("_selection")
-                    rows.append(row)
-                except Exception as e:
-                    failures.append({"stage": label, "error": repr(e), "traceback": traceback.format_exc(limit=5)})
-                    log.error("%s failed: %s", label, e)
-                    rows.append({"method": method, "budget": str(budget), "seed": seed, "results": None, "error": repr(e)})
+    for k, (budget, method, seed) in enumerate(units):
+        label = f"{method}-b{budget}-s{seed}"
+        log.info("unit %d/%d: %s", k + 1, len(units), label)
+        try:
+            row = _run_unit(cfg, root, pruned_dir, prune_key, method, budget, seed, timed, evaluate)
+            selections[label] = row.pop("_selection")
+            rows.append(row)
+        except Exception as e:
+            failures.append({"stage": label, "error": repr(e), "traceback": traceback.format_exc(limit=5)})
+            log.error("%s failed: %s", label, e)
+            rows.append({"method": method, "budget": budget, "seed": seed, "results": None, "error": repr(e)})
+        if k + 1 < len(units):
+            write_report(k + 1)
 
-    from paser.io.provenance import environment
-    from paser.report.experiment import write_experiment_report
-
-    costs["total"] = time.time() - t0
-    summary = {
-        "config": dataclasses.asdict(cfg),
-        "config_file": str(config_path),
-        "pruned_model": pruned_dir,
-        "rows": rows,
-        "selections": selections,
-        "costs_s": costs,
-        "failures": failures,
-        "environment": environment(),
-    }
-    atomic_write_json(root / "results.json", summary)
-    table, html_path = write_experiment_report(summary, root)
+    table, html_path = write_report(len(units))
     msg = table + f"\n\nreport: {html_path}\nalso: {root / 'report.md'}, {root / 'results.json'}"
     if failures:
         msg += f"\n{len(failures)} stage(s) failed; see the report"

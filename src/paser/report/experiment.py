@@ -221,6 +221,12 @@ def write_experiment_report(summary: dict, root: Path) -> tuple[str, Path]:
         cost_lines.append(f"- select {label}: {sel.get('seconds') or 0:.1f} s" + (f", {tok:,} tokens scored" if tok else ""))
     env = summary.get("environment", {})
     eval_cfg = summary["config"].get("evaluate", {})
+    prog = summary.get("progress") or {}
+    status = (
+        f"Incomplete: {prog['units_done']} of {prog['units_total']} select/recover/evaluate units done; "
+        "re-run the same command to continue (finished stages are cached)."
+        if prog and not prog.get("complete", True) else ""
+    )
     md = [
         "# paser experiment report",
         "",
@@ -228,6 +234,7 @@ def write_experiment_report(summary: dict, root: Path) -> tuple[str, Path]:
         "(accuracies in %, ± standard error for one seed, ± std over seeds for several; perplexity: windows of "
         f"{eval_cfg.get('ppl_window', 512)} tokens over the first {eval_cfg.get('ppl_tokens', 16384)} tokens).",
         "",
+        *([f"**{status}**", ""] if status else []),
         table,
         "",
     ]
@@ -267,6 +274,7 @@ pre {{ background: #f7f7f7; padding: 1rem; overflow-x: auto; font-size: 0.8rem; 
 <h1>paser experiment report</h1>
 <p>Pruned model: <code>{html.escape(summary['pruned_model'])}</code>. Evaluation: <code>{html.escape(json.dumps(eval_cfg))}</code>.
 Accuracies in %, ± standard error (one seed) or ± std over seeds.</p>
+{f"<p><strong>{html.escape(status)}</strong></p>" if status else ""}
 {html_table(header, body)}
 {extra_html}
 <h2>Costs</h2><pre>{html.escape(chr(10).join(cost_lines))}</pre>
