@@ -123,3 +123,4 @@ def test_gold_logprob_table_and_report_sections(tmp_path):
     for section in ("log-probability of the gold choice", "Paired differences against random", "Paired differences against pruned, no recovery"):
         assert section in md and section in html_path.read_text()
     assert "Paired differences against random" in table and "pruned, no recovery" in table
+    assert (tmp_path / "metrics_by_method.png").stat().st_size > 10_000 and "metrics_by_method.png" in md

@@ -181,6 +181,73 @@ def _plot_vs_budget(rows: list[dict], path: Path) -> bool:
     return True
 
 
+def _plot_by_method(rows: list[dict], path: Path) -> bool:
+    """One point per method and budget (and the reference rows) for the primary metrics: WikiText-2
+    perplexity, held-out loss over all capabilities, mean gold-choice log-probability. Points are
+    means over seeds, whiskers the std over seeds (none for a single seed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        if r.get("results"):
+            label = r["method"] if r.get("budget") is None else f"{r['method']} @{r['budget']}"
+            groups.setdefault(label, []).append(r["results"])
+    if len(groups) < 2:
+        return False
+    cs_tasks = [t for t in TASK_LABELS if any(t in g.get("results", {}) for rs in groups.values() for g in rs)]
+
+    def lp_mean(res: dict) -> float:
+        vals = [res["results"][t]["gold_choice_logprob"] for t in cs_tasks if t in res.get("results", {})]
+        return float(np.mean(vals)) if vals else float("nan")
+
+    def one(task: str, key: str):
+        return lambda res: (_metric(res, task, key) or (float("nan"),))[0]
+
+    panels = [
+        ("WikiText-2 perplexity (lower is better)", one("wikitext2", "ppl")),
+        ("held-out loss, all capabilities (nats, lower is better)", one("heldout", "all")),
+        ("gold-choice log-prob, task mean (higher is better)", lp_mean),
+    ]
+    labels = list(groups)
+    fig, axes = plt.subplots(1, 3, figsize=(15, 0.9 + 0.42 * len(labels)))
+    for ax, (title, fn) in zip(axes, panels):
+        vals = [np.array([fn(res) for res in groups[lab]], dtype=float) for lab in labels]
+        means = [float(np.nanmean(v)) if np.isfinite(v).any() else np.nan for v in vals]
+        errs = [float(np.nanstd(v, ddof=1)) if np.isfinite(v).sum() > 1 else 0.0 for v in vals]
+        y = np.arange(len(labels))
+        # points, not bars: the axis is zoomed on the differences, and bars would exaggerate them
+        for yi, m, e, lab in zip(y, means, errs, labels):
+            ax.errorbar([m], [yi], xerr=[e], fmt="o", capsize=3, color="#9aa5b1" if "@" not in lab else "#4c78a8")
+        ax.set_yticks(y, labels if ax is axes[0] else [""] * len(labels))
+        ax.set_ylim(len(labels) - 0.5, -0.5)  # first row on top, no point on the frame
+        finite = [m for m in means if np.isfinite(m)]
+        if finite:  # zoom on the differences: bars start near the smallest value
+            lo, hi = min(finite), max(finite)
+            pad = (hi - lo) * 0.15 or abs(hi) * 0.05 or 1.0
+            ax.set_xlim(lo - pad, hi + pad)
+        else:
+            ax.text(0.5, 0.5, "not evaluated", transform=ax.transAxes, ha="center", color="grey")
+            ax.set_xticks([])
+        ax.set_title(title, fontsize=9)
+        ax.grid(axis="x", alpha=0.3)
+        for yi, m in zip(y, means):
+            if np.isfinite(m):
+                ax.annotate(f"{m:.3g}", (m, yi), xytext=(3, 0), textcoords="offset points", va="center", fontsize=7)
+    fig.tight_layout()
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    from paser.io.cache import atomic_write_bytes
+
+    atomic_write_bytes(path, buf.getvalue())
+    return True
+
+
 def write_experiment_report(summary: dict, root: Path) -> tuple[str, Path]:
     """Writes report.md and report.html under root; returns (the tables to print, html path)."""
     rows = summary["rows"]
@@ -204,6 +271,8 @@ def write_experiment_report(summary: dict, root: Path) -> tuple[str, Path]:
                           "first), then mean ± paired standard error. Negative is better for NLL and loss, positive for "
                           "the gold log-probability.", pt))
     plots: list[tuple[str, Path]] = []
+    if _plot_by_method(rows, root / "metrics_by_method.png"):
+        plots.append(("Primary metrics by method (mean over seeds, whiskers: std over seeds)", root / "metrics_by_method.png"))
     if _plot_vs_budget(rows, root / "metrics_vs_budget.png"):
         plots.append(("Accuracy and perplexity against budget", root / "metrics_vs_budget.png"))
     for label, sel in summary.get("selections", {}).items():
