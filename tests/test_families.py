@@ -38,12 +38,7 @@ FAMILIES = ["gemma3", "qwen2", "mistral"]
 TEXTS = ["Give three tips for staying healthy. Eat well, sleep enough and exercise every day."] * 4
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matrices: one thread is faster
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -169,16 +169,23 @@ def _plot_vs_budget(rows: list[dict], path: Path) -> bool:
     for ax in axes:
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
-    fig.tight_layout()
+    _save_figure(fig, path)
+    return True
+
+
+def _save_figure(fig, path: Path) -> None:
+    """PNG written atomically (a report reader never sees half an image), figure closed."""
     import io
 
+    import matplotlib.pyplot as plt
+
+    from paser.io.cache import atomic_write_bytes
+
+    fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
-    from paser.io.cache import atomic_write_bytes
-
     atomic_write_bytes(path, buf.getvalue())
-    return True
 
 
 def _plot_by_method(rows: list[dict], path: Path) -> bool:
@@ -236,15 +243,7 @@ def _plot_by_method(rows: list[dict], path: Path) -> bool:
         for yi, m in zip(y, means):
             if np.isfinite(m):
                 ax.annotate(f"{m:.3g}", (m, yi), xytext=(3, 0), textcoords="offset points", va="center", fontsize=7)
-    fig.tight_layout()
-    import io
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    from paser.io.cache import atomic_write_bytes
-
-    atomic_write_bytes(path, buf.getvalue())
+    _save_figure(fig, path)
     return True
 
 
