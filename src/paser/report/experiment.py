@@ -196,6 +196,7 @@ def _plot_by_method(rows: list[dict], path: Path) -> bool:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     groups: dict[str, list[dict]] = {}
     for r in rows:
@@ -219,7 +220,7 @@ def _plot_by_method(rows: list[dict], path: Path) -> bool:
         ("gold-choice log-prob, task mean (higher is better)", lp_mean),
     ]
     labels = list(groups)
-    fig, axes = plt.subplots(1, 3, figsize=(15, 0.9 + 0.42 * len(labels)))
+    fig, axes = plt.subplots(1, 3, figsize=(14, 1.3 + 0.4 * len(labels)))
     for ax, (title, fn) in zip(axes, panels):
         vals = [np.array([fn(res) for res in groups[lab]], dtype=float) for lab in labels]
         means = [float(np.nanmean(v)) if np.isfinite(v).any() else np.nan for v in vals]
@@ -242,7 +243,8 @@ def _plot_by_method(rows: list[dict], path: Path) -> bool:
         ax.grid(axis="x", alpha=0.3)
         for yi, m in zip(y, means):
             if np.isfinite(m):
-                ax.annotate(f"{m:.3g}", (m, yi), xytext=(3, 0), textcoords="offset points", va="center", fontsize=7)
+                ax.annotate(f"{m:.3g}", (m, yi), xytext=(6, 5), textcoords="offset points", va="bottom", fontsize=7)
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(6))
     _save_figure(fig, path)
     return True
 
@@ -328,7 +330,12 @@ def write_experiment_report(summary: dict, root: Path) -> tuple[str, Path]:
         return f"<table><thead><tr>{th}</tr></thead><tbody>{trs}</tbody></table>"
 
     extra_html = "".join(f"<h2>{html.escape(t)}</h2><p>{html.escape(n)}</p>{html_table(h, b)}" for t, n, (h, b) in extra)
-    figs = "".join(f'<figure><img src="{img(p)}" alt="{html.escape(t)}"><figcaption>{html.escape(t)}</figcaption></figure>' for t, p in plots)
+    # A figure wider than it is tall (the by-method panels) gets the page's width, the others 640 px.
+    figs = "".join(
+        f'<figure class="{"wide" if p.name == "metrics_by_method.png" else ""}"><img src="{img(p)}" alt="{html.escape(t)}">'
+        f"<figcaption>{html.escape(t)}</figcaption></figure>"
+        for t, p in plots
+    )
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>paser experiment report</title>
 <style>
@@ -337,6 +344,7 @@ table {{ border-collapse: collapse; font-size: 0.85rem; }}
 th, td {{ border: 1px solid #ccc; padding: 4px 8px; text-align: right; }}
 th {{ background: #f0f3f8; }} td:first-child, th:first-child {{ text-align: left; }}
 figure {{ display: inline-block; margin: 1rem; vertical-align: top; }} img {{ max-width: 640px; border: 1px solid #ddd; }}
+figure.wide {{ display: block; }} figure.wide img {{ max-width: 100%; }}
 pre {{ background: #f7f7f7; padding: 1rem; overflow-x: auto; font-size: 0.8rem; }}
 </style></head><body>
 <h1>paser experiment report</h1>
