@@ -232,7 +232,7 @@ def _plot_by_method(rows: list[dict], path: Path) -> bool:
         ax.set_yticks(y, labels if ax is axes[0] else [""] * len(labels))
         ax.set_ylim(len(labels) - 0.5, -0.5)  # first row on top, no point on the frame
         finite = [m for m in means if np.isfinite(m)]
-        if finite:  # zoom on the differences: bars start near the smallest value
+        if finite:  # zoom on the differences between models
             lo, hi = min(finite), max(finite)
             pad = (hi - lo) * 0.15 or abs(hi) * 0.05 or 1.0
             ax.set_xlim(lo - pad, hi + pad)
