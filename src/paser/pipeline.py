@@ -176,6 +176,7 @@ def run_pipeline(config_path: str | Path, out: str | None = None) -> str:
         if not (method == "full" and seed != cfg.seeds[0])  # full data has nothing to sample: one seed
     ]
     selections: dict[str, dict] = {}
+    env = environment()  # versions and git revision: the same for every rewrite of the report
 
     def write_report(done: int) -> tuple[str, Path]:
         """results.json and the report as they stand; rewritten after every unit, so an
@@ -190,7 +191,7 @@ def run_pipeline(config_path: str | Path, out: str | None = None) -> str:
             "costs_s": costs,
             "failures": failures,
             "progress": {"units_done": done, "units_total": len(units), "complete": done == len(units)},
-            "environment": environment(),
+            "environment": env,
         }
         atomic_write_json(root / "results.json", summary)
         return write_experiment_report(summary, root)

@@ -129,7 +129,7 @@ def _iter_json_array(text: str, path: Path) -> Iterator[tuple[int, Any]]:
 
 def _iter_rows(path: Path, skip_invalid: bool, report: LoadReport) -> Iterator[tuple[int | None, Any]]:
     name = path.name.lower()
-    if path.is_dir() and sorted(path.glob("part-*.parquet")):
+    if path.is_dir() and any(path.glob("part-*.parquet")):
         yield from _iter_ingested(path)  # a pool stored by `paser.io.stream.ingest_pool`
         return
     if path.is_dir():

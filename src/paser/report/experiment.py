@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from paser.io.cache import atomic_write_text
-from paser.report.paired import paired_table
+from paser.report.paired import paired_table, task_results
 
 TASK_LABELS = {
     "boolq": "BoolQ",
@@ -26,9 +26,7 @@ TASK_LABELS = {
 
 
 def _metric(results: dict | None, task: str, key: str) -> tuple[float, float] | None:
-    if not results:
-        return None
-    r = results.get("results", {}).get(task)
+    r = task_results(results).get(task)
     if r is None:
         return None
     if task == "heldout":
@@ -52,7 +50,7 @@ def _columns(rows: list[dict]) -> list[tuple[str, str, str, float]]:
     present: set[str] = set()
     caps: list[str] = []
     for row in rows:
-        res = (row.get("results") or {}).get("results", {})
+        res = task_results(row.get("results"))
         present |= set(res)
         if "heldout" in res:
             for c in res["heldout"].get("capabilities", {}):
@@ -205,10 +203,10 @@ def _plot_by_method(rows: list[dict], path: Path) -> bool:
             groups.setdefault(label, []).append(r["results"])
     if len(groups) < 2:
         return False
-    cs_tasks = [t for t in TASK_LABELS if any(t in g.get("results", {}) for rs in groups.values() for g in rs)]
+    cs_tasks = [t for t in TASK_LABELS if any(t in task_results(g) for rs in groups.values() for g in rs)]
 
     def lp_mean(res: dict) -> float:
-        vals = [res["results"][t]["gold_choice_logprob"] for t in cs_tasks if t in res.get("results", {})]
+        vals = [task_results(res)[t]["gold_choice_logprob"] for t in cs_tasks if t in task_results(res)]
         return float(np.mean(vals)) if vals else float("nan")
 
     def one(task: str, key: str):

@@ -22,9 +22,13 @@ from typing import Hashable
 
 import numpy as np
 
+from paser.evaluate.runner import HELDOUT_TASK, PPL_TASKS
 from paser.evaluate.zeroshot import choice_metrics, mean_and_stderr
 
-PPL_TASKS = ("wikitext2", "ptb")
+
+def task_results(results: dict | None) -> dict[str, dict]:
+    """{task: result} of one evaluation results dict (empty for a failed or missing one)."""
+    return (results or {}).get("results") or {}
 
 
 def unit_values(results: dict | None, task: str, key: str) -> dict[Hashable, float] | None:
@@ -34,13 +38,13 @@ def unit_values(results: dict | None, task: str, key: str) -> dict[Hashable, flo
     metric of `paser.evaluate.zeroshot.item_metrics` ("acc", "gold_choice_logprob", ...) for
     a multiple-choice task.
     """
-    r = ((results or {}).get("results") or {}).get(task)
+    r = task_results(results).get(task)
     if not r:
         return None
     if task in PPL_TASKS:
         w = r.get("window_nll")
         return {i: float(x) for i, x in enumerate(w)} if w else None
-    if task == "heldout":
+    if task == HELDOUT_TASK:
         ids, losses, caps = r.get("record_ids"), r.get("record_loss"), r.get("record_capabilities")
         if not ids or losses is None or caps is None:
             return None
@@ -87,16 +91,16 @@ def paired_columns(rows: list[dict]) -> list[tuple[str, str, str]]:
     """(label, task, key) of every paired metric some row's results carry."""
     present: dict[str, dict] = {}
     for row in rows:
-        for t, r in ((row.get("results") or {}).get("results") or {}).items():
+        for t, r in task_results(row.get("results")).items():
             present.setdefault(t, r)
     cols = []
     for t, lab in (("wikitext2", "Δ WikiText-2 NLL"), ("ptb", "Δ PTB NLL")):
         if t in present and present[t].get("window_nll"):
             cols.append((lab, t, "nll"))
-    h = present.get("heldout")
+    h = present.get(HELDOUT_TASK)
     if h and h.get("record_capabilities"):
         for c in [*dict.fromkeys(h["record_capabilities"]), "all"]:
-            cols.append((f"Δ held-out loss {c}", "heldout", c))
+            cols.append((f"Δ held-out loss {c}", HELDOUT_TASK, c))
     return cols
 
 
@@ -111,7 +115,7 @@ def paired_table(rows: list[dict], reference: str) -> tuple[list[str], list[list
         if row.get("results"):
             groups.setdefault((row["method"], row.get("budget")), []).append(row["results"])
     cols = paired_columns(rows)
-    cs_tasks = [t for t in COMMONSENSE_TASKS if any(t in ((r.get("results") or {}).get("results") or {}) for r in rows)]
+    cs_tasks = [t for t in COMMONSENSE_TASKS if any(t in task_results(r.get("results")) for r in rows)]
     if not cols and not cs_tasks:
         return None
     header = ["Method", "Budget", f"vs {reference}"] + [c[0] for c in cols] + (["Δ gold log-prob (task mean)"] if cs_tasks else [])

@@ -108,13 +108,13 @@ def estimate_selection(args: SelectArgs, sample_size: int = 64, records: list | 
 
     if args.method in NEEDS_PRUNED:
         if models:
-            models = [m for m in (models.get("original"), models["pruned"]) if m is not None]
+            scored = [m for m in (models.get("original"), models["pruned"]) if m is not None]
         else:
-            models = [load_model(args.pruned, allow_pickle=args.allow_pickle)]
+            scored = [load_model(args.pruned, allow_pickle=args.allow_pickle)]
             if args.method == "paser":
-                models.insert(0, load_model(args.original, allow_pickle=args.allow_pickle))
+                scored.insert(0, load_model(args.original, allow_pickle=args.allow_pickle))
         seconds["load models"] = time.time() - t_load
-        tok = models[-1].tokenizer
+        tok = scored[-1].tokenizer
         items = encode_records(sample, tok, args.template, args.cutoff)
         lengths = sorted(len(it.input_ids) for it in items)
         per_record = float(np.mean(lengths))
@@ -129,7 +129,7 @@ def estimate_selection(args: SelectArgs, sample_size: int = 64, records: list | 
         batch_tokens = sum(len(it.input_ids) for it in by_len)
         pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
         logits = []
-        for lm in models:
+        for lm in scored:
             dev = next(lm.model.parameters()).device
             device = str(dev)
             secs, lg = _time_batch(lm.model, by_len, pad_id, dev)
@@ -147,7 +147,7 @@ def estimate_selection(args: SelectArgs, sample_size: int = 64, records: list | 
             score_s += jsd_per_token * tokens * resp_share
             tps["jsd"] = 1.0 / max(jsd_per_token, 1e-9)
         seconds["score"] = score_s
-        sequences = n * passes * len(models) if args.method != "ifd" else 2 * n
+        sequences = n * passes * len(scored) if args.method != "ifd" else 2 * n
         del logits
     if args.method in NEEDS_EMBEDDINGS:
         from paser.select.embed import embed_texts, record_text
