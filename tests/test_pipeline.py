@@ -87,16 +87,18 @@ def test_pipeline_units_run_seed_major(tmp_path, tiny_model_dir, tiny_pruned_dir
     import paser.pipeline as pl
 
     cfg = _config(tmp_path / "exp.yaml", tiny_model_dir, tiny_pruned_dir, tmp_path / "run", ["random", "full"])
-    cfg.write_text(cfg.read_text().replace("seeds: [0]", "seeds: [0, 1]") + "include_dense: false\ninclude_unrecovered: false\n")
+    text = cfg.read_text().replace("seeds: [0]", "seeds: [0, 1]").replace('budgets: ["6"]', 'budgets: ["6", "8"]')
+    cfg.write_text(text + "include_dense: false\ninclude_unrecovered: false\n")
     order = []
 
     def record(cfg_, root, pruned_dir, prune_key, method, budget, seed, *a):
-        order.append((method, seed))
+        order.append((method, budget, seed))
         raise RuntimeError("not run here")
 
     monkeypatch.setattr(pl, "_run_unit", record)
     pl.run_pipeline(cfg)
-    assert order == [("random", 0), ("full", 0), ("random", 1)]  # full data: one seed
+    # full data ignores the budget and has nothing to sample: one unit, after the seeded ones
+    assert order == [("random", "6", 0), ("random", "8", 0), ("random", "6", 1), ("random", "8", 1), ("full", "6", 0)]
 
 
 def test_pipeline_config_errors_name_the_key(tmp_path, capsys):

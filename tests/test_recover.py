@@ -243,6 +243,8 @@ def test_resume_gives_the_same_adapter(tmp_path, model_dirs):
     with pytest.raises(_Crash):
         recover(str(sparse_dir), recs, tmp_path / "b", callbacks=[_crash_at(3)], **kw)  # checkpoint-2 exists
     assert (tmp_path / "b" / "checkpoints" / "checkpoint-2").is_dir()
+    before = json.loads((tmp_path / "b" / "checkpoints" / "checkpoint-2" / "paser_elapsed.json").read_text())["seconds"]
+    assert before > 0
     with pytest.raises(PaserError, match="different run"):
         recover(str(sparse_dir), recs, tmp_path / "b", **{**kw, "lr": 1e-3})
     counter = _StepCounter()
@@ -250,6 +252,8 @@ def test_resume_gives_the_same_adapter(tmp_path, model_dirs):
     assert counter.steps == [3, 4, 5, 6]  # it continued from checkpoint-2; it did not start over
     assert resumed["training"]["resumed_from_step"] == 2
     assert resumed["training"]["steps"] == 6
+    # the cost of recovery counts the part before the crash too
+    assert resumed["seconds_total"] == pytest.approx(before + resumed["seconds"])
 
     a, b = _adapter_tensors(tmp_path / "a"), _adapter_tensors(tmp_path / "b")
     assert a.keys() == b.keys()

@@ -124,3 +124,29 @@ def test_gold_logprob_table_and_report_sections(tmp_path):
         assert section in md and section in html_path.read_text()
     assert "Paired differences against random" in table and "pruned, no recovery" in table
     assert (tmp_path / "metrics_by_method.png").stat().st_size > 10_000 and "metrics_by_method.png" in md
+
+
+def test_cost_table_reads_each_stages_own_record():
+    """A resumed run reads its stages back from the cache in milliseconds; the cost table must
+    still show what each stage took when it ran, and "-" where nothing was recorded."""
+    from paser.report.experiment import cost_table
+
+    def ev(*secs):
+        return {"results": {f"t{i}": {"seconds": s, "cached": True} for i, s in enumerate(secs)}}
+
+    rows = [
+        {"method": "dense (unpruned)", "budget": None, "seed": None, "results": ev(100.0, 20.0)},
+        {"method": "paser", "budget": "0.1", "seed": 0, "results": ev(90.0, 30.0),
+         "recovery": {"seconds": 5.0, "seconds_total": 600.0, "tokens_trained": 19000}},
+        {"method": "random", "budget": "0.1", "seed": 0, "results": None, "recovery": {"seconds": 400.0}},  # eval failed
+    ]
+    summary = {"rows": rows, "selections": {"paser-b0.1-s0": {"seconds": 1500.0, "tokens_scored": 296936},
+                                            "random-b0.1-s0": {"seconds": 0.1}}}
+    header, body = cost_table(summary)
+    by = {r[0]: dict(zip(header, r)) for r in body}
+    assert by["dense (unpruned)"]["evaluate (s)"] == "120" and by["dense (unpruned)"]["select (s)"] == "-"
+    p = by["paser-b0.1-s0"]
+    assert (p["select (s)"], p["tokens scored"], p["recover (s)"], p["tokens trained"], p["evaluate (s)"]) == ("1,500", "296,936", "600", "19,000", "120")
+    assert p["total (s)"] == "2,220"  # across resumes (seconds_total), not the last part (seconds)
+    assert by["random-b0.1-s0"]["recover (s)"] == "400" and by["random-b0.1-s0"]["evaluate (s)"] == "-"
+    assert by["all"]["total (s)"] == f"{120 + 2220 + 400.1:,.0f}" and by["all"]["tokens scored"] == "296,936"

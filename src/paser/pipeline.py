@@ -168,13 +168,18 @@ def run_pipeline(config_path: str | Path, out: str | None = None) -> str:
 
     # Seed-major order: every method's first seed comes before any second seed, so a long run
     # that is interrupted already holds one complete comparison (and re-running continues it).
+    # Full data comes last, once: it has nothing to sample (one seed) and ignores the budget,
+    # and it costs as much as all the budgeted units together, so the seeded comparisons
+    # should not wait for it.
     units = [
         (str(budget), method, int(seed))
         for seed in cfg.seeds
         for budget in cfg.budgets
         for method in cfg.methods
-        if not (method == "full" and seed != cfg.seeds[0])  # full data has nothing to sample: one seed
+        if method != "full"
     ]
+    if "full" in cfg.methods:
+        units.append((str(cfg.budgets[0]), "full", int(cfg.seeds[0])))
     selections: dict[str, dict] = {}
     env = environment()  # versions and git revision: the same for every rewrite of the report
 
@@ -248,7 +253,7 @@ def _run_unit(cfg: PipelineConfig, root: Path, pruned_dir: str, prune_key: dict,
     if not rec.done:
         timed("recover", api.recover, RecoverArgs(model=pruned_dir, data=str(sel.dir / "selected.jsonl"), out=str(rec.dir), **rec_opts))
         rep = json.loads((rec.dir / "recovery_report.json").read_text())
-        rec.finish({k: rep.get(k) for k in ("initial_loss", "final_loss", "seconds", "tokens_trained") if k in rep})
+        rec.finish({k: rep.get(k) for k in ("initial_loss", "final_loss", "seconds", "seconds_total", "tokens_trained") if k in rep})
     results = evaluate(f"{method}-b{budget}-s{seed}", str(rec.dir / "merged"))
     return {
         "method": method,

@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 
 REPORT_FILE = "recovery_report.json"
 LOG_FILE = "training_log.json"
+ELAPSED_FILE = "paser_elapsed.json"  # in each checkpoint: training seconds up to it, across resumes
 RUN_FILE = "run.json"  # the key of the run that owns checkpoints/, so a resume never mixes runs
 
 
@@ -112,7 +113,7 @@ def _summarise_log(history: list[dict]) -> dict[str, list[dict]]:
     return {"train": train, "val": val}
 
 
-def _make_callbacks(log_path: Path, show_progress: bool):
+def _make_callbacks(log_path: Path, show_progress: bool, prior_seconds: float = 0.0):
     from transformers import ProgressCallback, TrainerCallback
 
     class LogWriter(TrainerCallback):
@@ -123,9 +124,12 @@ def _make_callbacks(log_path: Path, show_progress: bool):
             self.tokens_at_begin = 0
             self.tokens_at_end = 0
             self.initial_eval: dict | None = None  # evaluate() before train(): train() resets the history
+            self.prior_seconds = prior_seconds  # training time before the checkpoint resumed from
+            self.t_begin = time.perf_counter()
 
         def on_train_begin(self, args, state, control, **kw):
             self.tokens_at_begin = state.num_input_tokens_seen
+            self.t_begin = time.perf_counter()
             if self.initial_eval is not None and state.global_step == 0:
                 # into the Trainer's own history, so checkpoints carry it across a resume
                 state.log_history.insert(0, {**self.initial_eval, "epoch": 0.0, "step": 0})
@@ -135,6 +139,16 @@ def _make_callbacks(log_path: Path, show_progress: bool):
 
         def on_log(self, args, state, control, logs=None, **kw):
             atomic_write_json(log_path, _summarise_log(state.log_history))
+
+        def on_save(self, args, state, control, **kw):
+            # The Trainer's checkpoints keep no wall time; without this a resumed run would
+            # report only its last part as the cost of recovery.
+            ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if state.is_world_process_zero and ckpt.is_dir():
+                atomic_write_json(ckpt / ELAPSED_FILE, {"seconds": self.elapsed()})
+
+        def elapsed(self) -> float:
+            return self.prior_seconds + time.perf_counter() - self.t_begin
 
     class QuietProgress(ProgressCallback):
         """The Trainer's bar, with the loss as a postfix instead of one printed dict per step."""
@@ -363,7 +377,8 @@ def recover(
         use_cpu=device.type == "cpu",
     )
     log_path = out / LOG_FILE
-    log_writer, progress = _make_callbacks(log_path, show_progress)
+    prior = (_read_json(Path(resume_from) / ELAPSED_FILE) or {}).get("seconds", 0.0) if resume_from else 0.0
+    log_writer, progress = _make_callbacks(log_path, show_progress, prior_seconds=float(prior))
     collator = ResponseCollator(pad_id, pad_to_multiple_of=8 if device.type == "cuda" else None)
     trainer = Trainer(
         model=peft_model,
@@ -444,6 +459,7 @@ def recover(
             "tokens_seen": state.num_input_tokens_seen,  # prompt + response, no padding
             "response_tokens_trained": round(train_ds.n_response_tokens * (state.epoch or 0)),
             "seconds": seconds,  # this call (after a resume: the resumed part only)
+            "seconds_total": prior + seconds,  # across resumes, as the checkpoints recorded it
             "seconds_per_step": seconds / steps_now if steps_now else None,
             "tokens_per_second": tokens_now / seconds if seconds > 0 else None,
         },
@@ -466,6 +482,7 @@ def recover(
         initial_loss=report["loss"]["initial_train"],
         final_loss=report["loss"]["final_train"],
         seconds=seconds,
+        seconds_total=prior + seconds,
         tokens_trained=report["training"]["response_tokens_trained"],
     )
     atomic_write_json(out / REPORT_FILE, report)

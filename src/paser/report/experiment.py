@@ -247,6 +247,41 @@ def _plot_by_method(rows: list[dict], path: Path) -> bool:
     return True
 
 
+def _secs(v) -> str:
+    return "-" if v is None else f"{v:,.0f}"
+
+
+def cost_table(summary: dict) -> tuple[list[str], list[list[str]]]:
+    """Time and tokens per unit and stage, read from what each stage recorded when it ran.
+
+    The stages record their own cost, so a run resumed from its cache still reports what
+    each stage took, not the milliseconds of reading it back. Evaluation time is the sum of
+    the tasks' recorded times. Selection time includes scoring only where this unit scored:
+    seeds after the first reuse the cached scores. "-": not run or not recorded.
+    """
+    header = ["Unit", "select (s)", "tokens scored", "recover (s)", "tokens trained", "evaluate (s)", "total (s)"]
+    sels = summary.get("selections", {})
+    body: list[list[str]] = []
+    sums = [0.0, 0, 0.0, 0, 0.0]
+    for r in summary["rows"]:
+        if r.get("seed") is None:
+            label = r["method"]
+        else:
+            label = f"{r['method']}-b{r['budget']}-s{r['seed']}"
+        sel = sels.get(label, {})
+        rec = r.get("recovery") or {}
+        tasks = task_results(r.get("results"))
+        ev = sum(t.get("seconds") or 0.0 for t in tasks.values()) if tasks else None
+        vals = [sel.get("seconds"), sel.get("tokens_scored"), rec.get("seconds_total", rec.get("seconds")), rec.get("tokens_trained"), ev]
+        for i, v in enumerate(vals):
+            sums[i] += v or 0
+        secs = [v for v in (vals[0], vals[2], vals[4]) if v is not None]
+        body.append([label, _secs(vals[0]), _secs(vals[1]), _secs(vals[2]), _secs(vals[3]), _secs(vals[4]), _secs(sum(secs) if secs else None)])
+    if body:
+        body.append(["all", *(_secs(v) for v in sums), _secs(sums[0] + sums[2] + sums[4])])
+    return header, body
+
+
 def write_experiment_report(summary: dict, root: Path) -> tuple[str, Path]:
     """Writes report.md and report.html under root; returns (the tables to print, html path)."""
     rows = summary["rows"]
@@ -282,11 +317,12 @@ def write_experiment_report(summary: dict, root: Path) -> tuple[str, Path]:
                     plots.append((f"{title}: {label}", d / name))
             break
 
+    cost_h, cost_b = cost_table(summary)
     costs = summary.get("costs_s", {})
-    cost_lines = [f"- {k}: {v:.1f} s" for k, v in costs.items()]
-    for label, sel in summary.get("selections", {}).items():
-        tok = sel.get("tokens_scored")
-        cost_lines.append(f"- select {label}: {sel.get('seconds') or 0:.1f} s" + (f", {tok:,} tokens scored" if tok else ""))
+    cost_note = (
+        "Per unit, as each stage recorded it when it ran (cached stages keep their original cost). "
+        "This invocation's wall time: " + ", ".join(f"{k} {v:,.0f} s" for k, v in costs.items()) + "."
+    )
     env = summary.get("environment", {})
     eval_cfg = summary["config"].get("evaluate", {})
     prog = summary.get("progress") or {}
@@ -310,7 +346,10 @@ def write_experiment_report(summary: dict, root: Path) -> tuple[str, Path]:
         md += [f"## {title}", "", note, "", markdown_table(h, b), ""]
     md += [
         "## Costs",
-        *cost_lines,
+        "",
+        cost_note,
+        "",
+        markdown_table(cost_h, cost_b),
         "",
     ]
     if summary.get("failures"):
@@ -351,7 +390,7 @@ Accuracies in %, ± standard error (one seed) or ± std over seeds.</p>
 {f"<p><strong>{html.escape(status)}</strong></p>" if status else ""}
 {html_table(header, body)}
 {extra_html}
-<h2>Costs</h2><pre>{html.escape(chr(10).join(cost_lines))}</pre>
+<h2>Costs</h2><p>{html.escape(cost_note)}</p>{html_table(cost_h, cost_b)}
 {"<h2>Failed stages</h2><pre>" + html.escape(chr(10).join(f['stage'] + ': ' + f['error'] for f in summary['failures'])) + "</pre>" if summary.get('failures') else ""}
 <h2>Plots</h2>{figs}
 <h2>Configuration</h2><pre>{html.escape(json.dumps(summary['config'], indent=2))}</pre>
