@@ -51,6 +51,15 @@ def test_pipeline_end_to_end_and_incremental(tmp_path, tiny_model_dir, tiny_prun
     assert {n.split("-")[0] for n in new} == {"uniform"} and len(new) == 2  # select + recover, nothing else
     assert "recover" not in res2["costs_s"] or res2["costs_s"]["recover"] > 0
     assert [r["method"] for r in res2["rows"]][-1] == "uniform"
+    # the report shows what each unit selected and what each stage cost when it ran, including
+    # the random unit that this second run only read back from its cache
+    caps = res2["selections"]["random-b6-s0"]["capabilities"]
+    assert sum(caps.values()) == 6 and set(caps) <= {"general", "math", "code"}
+    md = (out / "report.md").read_text()
+    assert "## Selected data by capability" in md and "| uniform-b6-s0 |" in md
+    costs = md[md.index("## Costs"):]
+    random_row = next(line for line in costs.splitlines() if line.startswith("| random-b6-s0 |")).split("|")
+    assert float(random_row[4].strip().replace(",", "")) >= 0 and random_row[4].strip() != "-"  # recover (s)
 
 
 def test_interrupted_pipeline_leaves_a_partial_report_and_resumes(tmp_path, tiny_model_dir, tiny_pruned_dir, monkeypatch):

@@ -150,3 +150,16 @@ def test_cost_table_reads_each_stages_own_record():
     assert p["total (s)"] == "2,220"  # across resumes (seconds_total), not the last part (seconds)
     assert by["random-b0.1-s0"]["recover (s)"] == "400" and by["random-b0.1-s0"]["evaluate (s)"] == "-"
     assert by["all"]["total (s)"] == f"{120 + 2220 + 400.1:,.0f}" and by["all"]["tokens scored"] == "296,936"
+
+
+def test_composition_table_counts_capabilities_and_skips_pools_without_them():
+    from paser.report.experiment import composition_table
+
+    rows = [{"method": "paser", "budget": "0.1", "seed": 0, "recovery": {"tokens_trained": 1234}}]
+    summary = {"rows": rows, "selections": {"paser-b0.1-s0": {"selected": 4, "capabilities": {"code": 3, "math": 1}},
+                                            "random-b0.1-s0": {"selected": 4, "capabilities": {"general": 4}}}}
+    header, body = composition_table(summary)
+    assert header == ["Unit", "code", "general", "math", "records", "response tokens trained"]
+    assert body[0] == ["paser-b0.1-s0", "3 (75 %)", "0 (0 %)", "1 (25 %)", "4", "1,234"]
+    assert body[1][2] == "4 (100 %)" and body[1][-1] == "-"
+    assert composition_table({"rows": [], "selections": {"x": {"selected": 3, "capabilities": {}}}}) is None

@@ -263,5 +263,22 @@ def _run_unit(cfg: PipelineConfig, root: Path, pruned_dir: str, prune_key: dict,
         "selection_dir": str(sel.dir),
         "recover_dir": str(rec.dir),
         "recovery": rec.info(),
-        "_selection": {"dir": str(sel.dir), **{k: sel_info.get(k) for k in ("selected", "seconds", "tokens_scored")}},
+        "_selection": {
+            "dir": str(sel.dir),
+            **{k: sel_info.get(k) for k in ("selected", "seconds", "tokens_scored")},
+            "capabilities": _capability_counts(sel.dir / "selected.jsonl"),
+        },
     }
+
+
+def _capability_counts(path: Path) -> dict[str, int]:
+    """Selected records per capability: what each method spent its budget on (the report's
+    composition table). Empty when the records carry no `capability` field."""
+    counts: dict[str, int] = {}
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                cap = json.loads(line).get("capability")
+                if cap:
+                    counts[str(cap)] = counts.get(str(cap), 0) + 1
+    return dict(sorted(counts.items()))

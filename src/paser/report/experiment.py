@@ -247,7 +247,8 @@ def _plot_by_method(rows: list[dict], path: Path) -> bool:
     return True
 
 
-def _secs(v) -> str:
+def _whole(v) -> str:
+    """A count or a number of seconds, rounded, with thousands separators; "-" when unknown."""
     return "-" if v is None else f"{v:,.0f}"
 
 
@@ -276,9 +277,26 @@ def cost_table(summary: dict) -> tuple[list[str], list[list[str]]]:
         for i, v in enumerate(vals):
             sums[i] += v or 0
         secs = [v for v in (vals[0], vals[2], vals[4]) if v is not None]
-        body.append([label, _secs(vals[0]), _secs(vals[1]), _secs(vals[2]), _secs(vals[3]), _secs(vals[4]), _secs(sum(secs) if secs else None)])
+        body.append([label, _whole(vals[0]), _whole(vals[1]), _whole(vals[2]), _whole(vals[3]), _whole(vals[4]), _whole(sum(secs) if secs else None)])
     if body:
-        body.append(["all", *(_secs(v) for v in sums), _secs(sums[0] + sums[2] + sums[4])])
+        body.append(["all", *(_whole(v) for v in sums), _whole(sums[0] + sums[2] + sums[4])])
+    return header, body
+
+
+def composition_table(summary: dict) -> tuple[list[str], list[list[str]]] | None:
+    """Selected records per capability for every unit (None when records carry no capability):
+    where each method spent its budget, which is what explains most per-capability differences."""
+    sels = summary.get("selections", {})
+    caps = sorted({c for s in sels.values() for c in (s.get("capabilities") or {})})
+    if not caps:
+        return None
+    tokens = {f"{r['method']}-b{r['budget']}-s{r['seed']}": (r.get("recovery") or {}).get("tokens_trained") for r in summary["rows"] if r.get("seed") is not None}
+    header = ["Unit", *caps, "records", "response tokens trained"]
+    body = []
+    for label, s in sels.items():
+        c = s.get("capabilities") or {}
+        n = sum(c.values())
+        body.append([label, *(f"{c.get(k, 0)} ({100 * c.get(k, 0) / n:.0f} %)" if n else "0" for k in caps), str(s.get("selected") or n), _whole(tokens.get(label))])
     return header, body
 
 
@@ -304,6 +322,11 @@ def write_experiment_report(summary: dict, root: Path) -> tuple[str, Path]:
                           "Per window, record or item, method minus reference (each method's value averaged over its seeds "
                           "first), then mean ± paired standard error. Negative is better for NLL and loss, positive for "
                           "the gold log-probability.", pt))
+    comp = composition_table(summary)
+    if comp:
+        extra.append(("Selected data by capability",
+                      "Records each unit selected, by the pool's `capability` field (full data: the whole pool), "
+                      "and the response tokens its recovery trained on (all epochs).", comp))
     plots: list[tuple[str, Path]] = []
     if _plot_by_method(rows, root / "metrics_by_method.png"):
         plots.append(("Primary metrics by method (mean over seeds, whiskers: std over seeds)", root / "metrics_by_method.png"))
