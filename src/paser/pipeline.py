@@ -164,7 +164,7 @@ def run_pipeline(config_path: str | Path, out: str | None = None) -> str:
             return None
 
     from paser.io.provenance import environment
-    from paser.report.experiment import write_experiment_report
+    from paser.report.experiment import unit_label, write_experiment_report
 
     # Seed-major order: every method's first seed comes before any second seed, so a long run
     # that is interrupted already holds one complete comparison (and re-running continues it).
@@ -207,7 +207,7 @@ def run_pipeline(config_path: str | Path, out: str | None = None) -> str:
         rows.append({"method": "pruned, no recovery", "budget": None, "seed": None, "results": evaluate("unrecovered", pruned_dir)})
 
     for k, (budget, method, seed) in enumerate(units):
-        label = f"{method}-b{budget}-s{seed}"
+        label = unit_label(method, budget, seed)
         log.info("unit %d/%d: %s", k + 1, len(units), label)
         try:
             row = _run_unit(cfg, root, pruned_dir, prune_key, method, budget, seed, timed, evaluate)
@@ -229,6 +229,7 @@ def run_pipeline(config_path: str | Path, out: str | None = None) -> str:
 
 def _run_unit(cfg: PipelineConfig, root: Path, pruned_dir: str, prune_key: dict, method: str, budget: str, seed: int, timed, evaluate) -> dict:
     from paser import api
+    from paser.report.experiment import unit_label
 
     sel_opts = {
         **cfg.select,
@@ -241,7 +242,8 @@ def _run_unit(cfg: PipelineConfig, root: Path, pruned_dir: str, prune_key: dict,
         "limit": cfg.pool_limit,
         "cache_dir": cfg.cache_dir,
     }
-    sel = Stage(root, "select", f"{method}-b{budget}-s{seed}", {**sel_opts, "pruned": prune_key})
+    label = unit_label(method, budget, seed)
+    sel = Stage(root, "select", label, {**sel_opts, "pruned": prune_key})
     if not sel.done:
         timed("select", api.select, SelectArgs(**{k: v for k, v in sel_opts.items()}, out=str(sel.dir)))
         rep = json.loads((sel.dir / "report.json").read_text())
@@ -249,12 +251,12 @@ def _run_unit(cfg: PipelineConfig, root: Path, pruned_dir: str, prune_key: dict,
     sel_info = sel.info()
 
     rec_opts = {**cfg.recover, "seed": seed}
-    rec = Stage(root, "recover", f"{method}-b{budget}-s{seed}", {"selection": sel.hash, **rec_opts, "pruned": prune_key})
+    rec = Stage(root, "recover", label, {"selection": sel.hash, **rec_opts, "pruned": prune_key})
     if not rec.done:
         timed("recover", api.recover, RecoverArgs(model=pruned_dir, data=str(sel.dir / "selected.jsonl"), out=str(rec.dir), **rec_opts))
         rep = json.loads((rec.dir / "recovery_report.json").read_text())
         rec.finish({k: rep.get(k) for k in ("initial_loss", "final_loss", "seconds", "seconds_total", "tokens_trained") if k in rep})
-    results = evaluate(f"{method}-b{budget}-s{seed}", str(rec.dir / "merged"))
+    results = evaluate(label, str(rec.dir / "merged"))
     return {
         "method": method,
         "budget": budget,

@@ -247,6 +247,16 @@ def _plot_by_method(rows: list[dict], path: Path) -> bool:
     return True
 
 
+def unit_label(method: str, budget, seed) -> str:
+    """The name of one select/recover/evaluate unit, as its stage directories and the
+    report's tables use it; a budget-less row (dense, unrecovered) is named by its method."""
+    return method if seed is None else f"{method}-b{budget}-s{seed}"
+
+
+def _row_label(row: dict) -> str:
+    return unit_label(row["method"], row.get("budget"), row.get("seed"))
+
+
 def _whole(v) -> str:
     """A count or a number of seconds, rounded, with thousands separators; "-" when unknown."""
     return "-" if v is None else f"{v:,.0f}"
@@ -265,10 +275,7 @@ def cost_table(summary: dict) -> tuple[list[str], list[list[str]]]:
     body: list[list[str]] = []
     sums = [0.0, 0, 0.0, 0, 0.0]
     for r in summary["rows"]:
-        if r.get("seed") is None:
-            label = r["method"]
-        else:
-            label = f"{r['method']}-b{r['budget']}-s{r['seed']}"
+        label = _row_label(r)
         sel = sels.get(label, {})
         rec = r.get("recovery") or {}
         tasks = task_results(r.get("results"))
@@ -290,7 +297,7 @@ def composition_table(summary: dict) -> tuple[list[str], list[list[str]]] | None
     caps = sorted({c for s in sels.values() for c in (s.get("capabilities") or {})})
     if not caps:
         return None
-    tokens = {f"{r['method']}-b{r['budget']}-s{r['seed']}": (r.get("recovery") or {}).get("tokens_trained") for r in summary["rows"] if r.get("seed") is not None}
+    tokens = {_row_label(r): (r.get("recovery") or {}).get("tokens_trained") for r in summary["rows"]}
     header = ["Unit", *caps, "records", "response tokens trained"]
     body = []
     for label, s in sels.items():
