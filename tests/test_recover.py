@@ -23,6 +23,7 @@ from paser.recover import (
     recover,
     sparsity_masks,
 )
+from paser.recover.lora import _last_checkpoint
 
 WORDS = "the cat sat on a mat dog ran to park sun is hot sky blue add two and three five sum of numbers".split()
 
@@ -267,6 +268,19 @@ def test_resume_gives_the_same_adapter(tmp_path, model_dirs):
     # A finished run is not redone: the stored report comes back and training never starts.
     again = recover(str(sparse_dir), recs, tmp_path / "b", callbacks=[_crash_at(0)], **kw)
     assert again == json.loads((tmp_path / "b" / "recovery_report.json").read_text())
+
+    # Time-based checkpoints: with save_steps beyond the run, the clock alone decides (here after
+    # every step), and a run killed at step 5 resumes from checkpoint-5 to the same adapter.
+    kw_t = {**kw, "save_steps": 100, "save_minutes": 1e-9}
+    with pytest.raises(_Crash):
+        recover(str(sparse_dir), recs, tmp_path / "c", callbacks=[_crash_at(5)], **kw_t)
+    assert _last_checkpoint(tmp_path / "c" / "checkpoints").endswith("checkpoint-5")
+    counter = _StepCounter()
+    recover(str(sparse_dir), recs, tmp_path / "c", callbacks=[counter], **kw_t)
+    assert counter.steps == [6]
+    c = _adapter_tensors(tmp_path / "c")
+    for k in a:
+        torch.testing.assert_close(a[k], c[k], rtol=1e-5, atol=1e-6, msg=k)
 
 
 def test_training_loss_falls_and_validation_is_logged(tmp_path, tok):

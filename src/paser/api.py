@@ -104,6 +104,7 @@ def recover(args: RecoverArgs | None = None, **kwargs) -> str:
         val_fraction=a.val_fraction,
         max_steps=a.max_steps,
         save_steps=a.save_steps,
+        save_minutes=a.save_minutes,
         resume=a.resume,
         allow_pickle=a.allow_pickle,
     )

@@ -89,6 +89,7 @@ class RecoverArgs:
     max_steps: int | None = _f(None, "stop after this many optimizer steps")
     val_fraction: float = _f(0.0, "share of the data held out for a validation loss curve")
     save_steps: int = _f(100, "save a checkpoint every N optimizer steps (a killed run resumes from the last one)")
+    save_minutes: float = _f(10.0, "also save a checkpoint when this many minutes have passed since the last one (0: off)")
     resume: bool = _f(True, "resume from the last checkpoint of the same run (--no-resume starts over)")
     seed: int = _f(0, "random seed")
     allow_pickle: bool = _f(False, "allow loading pickled checkpoints (trusted files only)")

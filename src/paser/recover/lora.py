@@ -113,7 +113,7 @@ def _summarise_log(history: list[dict]) -> dict[str, list[dict]]:
     return {"train": train, "val": val}
 
 
-def _make_callbacks(log_path: Path, show_progress: bool, prior_seconds: float = 0.0):
+def _make_callbacks(log_path: Path, show_progress: bool, prior_seconds: float = 0.0, save_minutes: float = 0.0):
     from transformers import ProgressCallback, TrainerCallback
 
     class LogWriter(TrainerCallback):
@@ -126,10 +126,11 @@ def _make_callbacks(log_path: Path, show_progress: bool, prior_seconds: float = 
             self.initial_eval: dict | None = None  # evaluate() before train(): train() resets the history
             self.prior_seconds = prior_seconds  # training time before the checkpoint resumed from
             self.t_begin = time.perf_counter()
+            self.t_saved = self.t_begin
 
         def on_train_begin(self, args, state, control, **kw):
             self.tokens_at_begin = state.num_input_tokens_seen
-            self.t_begin = time.perf_counter()
+            self.t_begin = self.t_saved = time.perf_counter()
             if self.initial_eval is not None and state.global_step == 0:
                 # into the Trainer's own history, so checkpoints carry it across a resume
                 state.log_history.insert(0, {**self.initial_eval, "epoch": 0.0, "step": 0})
@@ -140,7 +141,15 @@ def _make_callbacks(log_path: Path, show_progress: bool, prior_seconds: float = 
         def on_log(self, args, state, control, logs=None, **kw):
             atomic_write_json(log_path, _summarise_log(state.log_history))
 
+        def on_step_end(self, args, state, control, **kw):
+            # The Trainer saves by steps only; on a CPU, 100 steps can be 20 minutes of work.
+            # One process only: in a data-parallel run each rank's clock would decide on its
+            # own, and ranks that disagree on a save can wait on each other for ever.
+            if save_minutes > 0 and args.world_size == 1 and time.perf_counter() - self.t_saved >= 60 * save_minutes:
+                control.should_save = True
+
         def on_save(self, args, state, control, **kw):
+            self.t_saved = time.perf_counter()
             # The Trainer's checkpoints keep no wall time; without this a resumed run would
             # report only its last part as the cost of recovery.
             ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
@@ -221,6 +230,7 @@ def recover(
     val_fraction: float = 0.0,
     val_records: Sequence[Record] | None = None,
     save_steps: int = 100,
+    save_minutes: float = 10.0,
     eval_steps: int | None = None,
     resume: bool = True,
     max_steps: int | None = None,
@@ -240,6 +250,9 @@ def recover(
     val_fraction holds out that share of `records` (by `seed`); `val_records` gives the
     validation set explicitly instead. Validation loss is logged every `eval_steps`
     (default: about 10 evaluations per run) and before training starts.
+    save_steps / save_minutes: a checkpoint every save_steps steps, and also whenever
+    save_minutes have passed since the last one (0: off), so that on a slow machine a killed
+    run loses minutes, not the whole run. Neither changes the result.
     resume: continue from the latest checkpoint in out_dir (only one written by the same run:
     same model, data and hyper-parameters), and return the stored report at once when that
     run already finished. resume=False starts over.
@@ -259,6 +272,8 @@ def recover(
     for name, v in (("batch_size", batch_size), ("grad_accum", grad_accum), ("cutoff", cutoff), ("r", r), ("save_steps", save_steps)):
         if v < 1:
             raise PaserError(f"recover: {name} must be >= 1, got {v}")
+    if save_minutes < 0:
+        raise PaserError(f"recover: save_minutes must be >= 0, got {save_minutes}")
     if val_records is not None and val_fraction:
         raise PaserError("recover: give either val_fraction or val_records, not both")
 
@@ -378,7 +393,7 @@ def recover(
     )
     log_path = out / LOG_FILE
     prior = (_read_json(Path(resume_from) / ELAPSED_FILE) or {}).get("seconds", 0.0) if resume_from else 0.0
-    log_writer, progress = _make_callbacks(log_path, show_progress, prior_seconds=float(prior))
+    log_writer, progress = _make_callbacks(log_path, show_progress, prior_seconds=float(prior), save_minutes=save_minutes)
     collator = ResponseCollator(pad_id, pad_to_multiple_of=8 if device.type == "cuda" else None)
     trainer = Trainer(
         model=peft_model,
