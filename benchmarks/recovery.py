@@ -14,7 +14,10 @@ Configuration (issue 6; sized for a 2-core CPU, see the README for what it measu
 Every stage is cached (see `paser pipeline`), so run it in the background and re-run the same
 command after an interruption: it continues where it stopped.
 
-    .venv/bin/python benchmarks/recovery.py [--out DIR] [--quick] [--structured]
+    .venv/bin/python benchmarks/recovery.py [--out DIR] [--quick] [--structured] [--summary]
+
+`--summary` runs nothing: it prints the README's two tables (the main numbers and the paired
+differences) from the results the run has so far.
 """
 
 from __future__ import annotations
@@ -54,14 +57,62 @@ def config(out: Path, quick: bool, structured: bool) -> dict:
     return cfg
 
 
+def summary_tables(results: dict) -> str:
+    """The README's condensed tables: primary metrics and mean accuracy per method (with the
+    response tokens each method's recovery trained on), then paired differences against the
+    unrecovered model and against random. Everything comes from paser's report functions."""
+    import numpy as np
+
+    from paser.report.experiment import build_table, markdown_table
+    from paser.report.paired import paired_table
+
+    rows = results["rows"]
+    header, body = build_table(rows)
+    keep = ["WikiText-2 PPL", "PTB PPL", "held-out loss code", "held-out loss general", "held-out loss math", "held-out loss all", "Mean acc"]
+    idx = [header.index(k) for k in keep if k in header]
+    names = {"dense (unpruned)": "dense (unpruned)", "pruned, no recovery": "pruned, no recovery", "full": "full data"}
+    tokens: dict[str, list] = {}
+    for r in rows:
+        if (r.get("recovery") or {}).get("tokens_trained") is not None:
+            tokens.setdefault(r["method"], []).append(r["recovery"]["tokens_trained"])
+    main_h = ["Method", "Seeds", *(header[i].replace("held-out loss", "held-out") for i in idx), "LoRA tokens"]
+    main_b = [
+        [names.get(row[0], f"{row[0]}, budget {row[1]}"), row[2], *(row[i] for i in idx),
+         f"{np.mean(tokens[row[0]]):,.0f}" if row[0] in tokens else "-"]
+        for row in body
+    ]
+    pair_b, pair_h = [], None
+    for ref, short in (("pruned, no recovery", "unrecovered"), ("random", "random")):
+        pt = paired_table(rows, ref)
+        if pt:
+            h, b = pt
+            pair_h = ["Comparison", *h[3:]]
+            pair_b += [[f"{'dense' if r[0].startswith('dense') else r[0]} − {short}", *r[3:]] for r in b]
+    out = markdown_table(main_h, main_b)
+    if pair_h:
+        out += "\n\n" + markdown_table(pair_h, pair_b)
+    prog = results.get("progress") or {}
+    if prog and not prog.get("complete", True):
+        out += f"\n\nIncomplete: {prog['units_done']} of {prog['units_total']} units done."
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     default_out = Path(os.environ.get("PASER_CACHE", Path.home() / ".cache" / "paser")) / "benchmarks" / "recovery"
     ap.add_argument("--out", type=Path, default=default_out, help=f"output and cache directory (default {default_out})")
     ap.add_argument("--quick", action="store_true", help="a small smoke configuration")
     ap.add_argument("--structured", action="store_true", help="LLM-Pruner-style structured 25 %% instead of Wanda 50 %%")
+    ap.add_argument("--summary", action="store_true", help="print the README tables from the results so far; run nothing")
     args = ap.parse_args()
     out = args.out / ("structured25" if args.structured else "wanda50") / ("quick" if args.quick else "full")
+    if args.summary:
+        path = out / "results.json"
+        if not path.exists():
+            print(f"no results yet at {path}; run without --summary first", file=sys.stderr)
+            return 2
+        print(summary_tables(json.loads(path.read_text())))
+        return 0
     out.mkdir(parents=True, exist_ok=True)
     cfg_path = out / "experiment.yaml"
     cfg_path.write_text(yaml.safe_dump(config(out, args.quick, args.structured), sort_keys=False))
