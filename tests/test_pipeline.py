@@ -3,6 +3,7 @@ one more method does only the new work."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -116,3 +117,29 @@ def test_pipeline_config_errors_name_the_key(tmp_path, capsys):
     assert main(["pipeline", "--config", str(cfg)]) == 2
     err = capsys.readouterr().err
     assert "bad.yaml, line 2, field 'methodz'" in err
+
+
+def test_every_seed_selects_from_the_same_pool(tmp_path, tiny_model_dir, tiny_pruned_dir, monkeypatch):
+    """pool_limit takes one seeded subset for all seeds (the first seed's), so seeds compare
+    methods on one pool; seed 0's options are unchanged, so its cached stages stay valid."""
+    from paser import api
+    from paser.select.run import load_selection_pool
+
+    cfg = _config(tmp_path / "exp.yaml", tiny_model_dir, tiny_pruned_dir, tmp_path / "run", ["random"])
+    cfg.write_text(cfg.read_text().replace("seeds: [0]", "seeds: [0, 1]") + "include_dense: false\ninclude_unrecovered: false\n")
+    seen = []
+
+    def fake_select(args):
+        seen.append(args)
+        raise RuntimeError("not run here")
+
+    monkeypatch.setattr(api, "select", fake_select)
+    import paser.pipeline as pl
+
+    pl.run_pipeline(cfg)
+    assert [(a.seed, a.limit_seed) for a in seen] == [(0, None), (1, 0)]
+    pools = [[r.id for r in load_selection_pool(a)[0]] for a in seen]
+    assert len(pools[0]) == 40 and pools[0] == pools[1]
+    # without the fixed seed, seed 1 would have drawn another pool
+    other = dataclasses.replace(seen[1], limit_seed=None)
+    assert [r.id for r in load_selection_pool(other)[0]] != pools[0]

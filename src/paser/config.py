@@ -55,6 +55,7 @@ class SelectArgs:
     )
     seed: int = _f(0, "random seed")
     limit: int | None = _f(None, "use only the first N records of the pool after a seeded shuffle (quick runs)")
+    limit_seed: int | None = _f(None, "seed of the --limit shuffle (default: --seed); fix it to compare seeds on one pool")
     k: int | None = _f(None, "number of semantic clusters (default: chosen by the eigengap criterion)")
     k_min: int = _f(8, "smallest K the automatic criterion may choose")
     k_max: int = _f(24, "largest K the automatic criterion may choose")

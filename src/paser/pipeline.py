@@ -32,6 +32,7 @@ class PipelineConfig:
     prune: dict = field(default_factory=lambda: {"method": "wanda", "sparsity": 0.5})
     data: list = field(default_factory=list)  # pool files; empty = the embedded pool
     pool_limit: int | None = None
+    pool_seed: int | None = None  # seed of the pool_limit subset; default: the first seed, one pool for all seeds
     budgets: list = field(default_factory=lambda: ["0.1"])
     methods: list = field(default_factory=lambda: ["paser", "random", "uniform"])
     seeds: list = field(default_factory=lambda: [0])
@@ -242,6 +243,13 @@ def _run_unit(cfg: PipelineConfig, root: Path, pruned_dir: str, prune_key: dict,
         "limit": cfg.pool_limit,
         "cache_dir": cfg.cache_dir,
     }
+    # Every seed selects from the same pool: the seeds vary what a method draws and how LoRA
+    # trains, not the data it may choose from (and PASER's scores are computed once). The
+    # option is named only when it differs from the seed, so that the stages of runs made
+    # before it existed keep their keys and caches.
+    pool_seed = cfg.pool_seed if cfg.pool_seed is not None else int(cfg.seeds[0])
+    if cfg.pool_limit is not None and pool_seed != seed:
+        sel_opts["limit_seed"] = pool_seed
     label = unit_label(method, budget, seed)
     sel = Stage(root, "select", label, {**sel_opts, "pruned": prune_key})
     if not sel.done:

@@ -57,7 +57,7 @@ def load_selection_pool(args: SelectArgs) -> tuple[list[Record], list[dict]]:
     paths = args.data or [str(pool_path())]
     records, reports = load_pool(paths, skip_invalid=args.skip_invalid)
     if args.limit is not None and args.limit < len(records):
-        rng = np.random.default_rng(args.seed)
+        rng = np.random.default_rng(args.seed if args.limit_seed is None else args.limit_seed)
         keep = np.sort(rng.choice(len(records), size=args.limit, replace=False))
         records = [records[i] for i in keep]
     return records, [{"path": r.path, "kept": r.kept, "skipped": dict(r.skipped)} for r in reports]
