@@ -151,6 +151,8 @@ def run_selection(args: SelectArgs) -> SelectionResult:
         "budget_arg": args.budget,
         "pool_size": n,
         "seed": args.seed,
+        "limit": args.limit,
+        "limit_seed": args.seed if args.limit_seed is None else args.limit_seed,  # which pool subset
         "data": load_reports,
         "template": args.template,
         "cutoff": args.cutoff,
