@@ -70,14 +70,13 @@ def summary_tables(results: dict) -> str:
     header, body = build_table(rows)
     keep = ["WikiText-2 PPL", "PTB PPL", "held-out loss code", "held-out loss general", "held-out loss math", "held-out loss all", "Mean acc"]
     idx = [header.index(k) for k in keep if k in header]
-    names = {"dense (unpruned)": "dense (unpruned)", "pruned, no recovery": "pruned, no recovery", "full": "full data"}
     tokens: dict[str, list] = {}
     for r in rows:
         if (r.get("recovery") or {}).get("tokens_trained") is not None:
             tokens.setdefault(r["method"], []).append(r["recovery"]["tokens_trained"])
     main_h = ["Method", "Seeds", *(header[i].replace("held-out loss", "held-out") for i in idx), "LoRA tokens"]
     main_b = [
-        [names.get(row[0], f"{row[0]}, budget {row[1]}"), row[2], *(row[i] for i in idx),
+        [row[0] if row[1] == "-" else "full data" if row[0] == "full" else f"{row[0]}, budget {row[1]}", row[2], *(row[i] for i in idx),
          f"{np.mean(tokens[row[0]]):,.0f}" if row[0] in tokens else "-"]
         for row in body
     ]

@@ -60,7 +60,7 @@ def test_pipeline_end_to_end_and_incremental(tmp_path, tiny_model_dir, tiny_prun
     assert "## Selected data by capability" in md and "| uniform-b6-s0 |" in md
     costs = md[md.index("## Costs"):]
     random_row = next(line for line in costs.splitlines() if line.startswith("| random-b6-s0 |")).split("|")
-    assert float(random_row[4].strip().replace(",", "")) >= 0 and random_row[4].strip() != "-"  # recover (s)
+    assert random_row[4].strip() != "-" and float(random_row[4].strip().replace(",", "")) >= 0  # recover (s)
 
 
 def test_interrupted_pipeline_leaves_a_partial_report_and_resumes(tmp_path, tiny_model_dir, tiny_pruned_dir, monkeypatch):
@@ -117,6 +117,10 @@ def test_pipeline_config_errors_name_the_key(tmp_path, capsys):
     assert main(["pipeline", "--config", str(cfg)]) == 2
     err = capsys.readouterr().err
     assert "bad.yaml, line 2, field 'methodz'" in err
+    cfg.write_text("out: x\npool_limit: 200\npool_seed: first\n")
+    assert main(["pipeline", "--config", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "bad.yaml, line 3, field 'pool_seed'" in err and "expected an integer" in err and "Traceback" not in err
 
 
 def test_every_seed_selects_from_the_same_pool(tmp_path, tiny_model_dir, tiny_pruned_dir, monkeypatch):

@@ -315,6 +315,8 @@ def test_user_errors(tmp_path, model_dirs):
         recover(str(dense_dir), [], tmp_path)
     with pytest.raises(PaserError):
         recover(str(dense_dir), _records(3), tmp_path, val_fraction=0.9999)
+    with pytest.raises(PaserError, match="save_minutes must be >= 0"):
+        recover(str(dense_dir), _records(3), tmp_path, save_minutes=-1)
 
 
 @pytest.mark.slow

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from paser.config import RecoverArgs, SelectArgs, build_args, load_yaml
+from paser.config import RecoverArgs, SelectArgs, _yaml_key_line, build_args, load_yaml
 from paser.errors import InputError, PaserError
 from paser.io.cache import atomic_write_json, stable_hash
 
@@ -49,8 +49,6 @@ def load_pipeline_config(path: str | Path, out: str | None = None) -> PipelineCo
     names = {f.name for f in dataclasses.fields(PipelineConfig)}
     for key in raw:
         if key not in names:
-            from paser.config import _yaml_key_line
-
             raise InputError(str(path), f"unknown key; known: {', '.join(sorted(names))}", line=_yaml_key_line(path, key), field=key)
     cfg = PipelineConfig(**raw)
     if out:
@@ -58,6 +56,10 @@ def load_pipeline_config(path: str | Path, out: str | None = None) -> PipelineCo
     for key in ("budgets", "methods", "seeds", "data"):
         if not isinstance(getattr(cfg, key), list):
             setattr(cfg, key, [getattr(cfg, key)])
+    for key in ("pool_limit", "pool_seed"):
+        v = getattr(cfg, key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
+            raise InputError(str(path), f"expected an integer, got {v!r}", line=_yaml_key_line(path, key), field=key)
     # Validate the nested option blocks now, not after an hour of work.
     build_args(SelectArgs, {**cfg.select, "method": "paser"}, source=path)
     build_args(RecoverArgs, cfg.recover, source=path)

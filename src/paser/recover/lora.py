@@ -497,7 +497,7 @@ def recover(
         initial_loss=report["loss"]["initial_train"],
         final_loss=report["loss"]["final_train"],
         seconds=seconds,
-        seconds_total=prior + seconds,
+        seconds_total=report["training"]["seconds_total"],
         tokens_trained=report["training"]["response_tokens_trained"],
     )
     atomic_write_json(out / REPORT_FILE, report)

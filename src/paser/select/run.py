@@ -50,6 +50,11 @@ class SelectionResult:
         return "\n".join(lines)
 
 
+def pool_seed(args: SelectArgs) -> int:
+    """The seed of the --limit subset: --limit-seed when given, else --seed."""
+    return args.seed if args.limit_seed is None else args.limit_seed
+
+
 def load_selection_pool(args: SelectArgs) -> tuple[list[Record], list[dict]]:
     """The pool: the user's files (or the embedded pool), optionally a seeded subset of N."""
     from paser.data import pool_path
@@ -57,7 +62,7 @@ def load_selection_pool(args: SelectArgs) -> tuple[list[Record], list[dict]]:
     paths = args.data or [str(pool_path())]
     records, reports = load_pool(paths, skip_invalid=args.skip_invalid)
     if args.limit is not None and args.limit < len(records):
-        rng = np.random.default_rng(args.seed if args.limit_seed is None else args.limit_seed)
+        rng = np.random.default_rng(pool_seed(args))
         keep = np.sort(rng.choice(len(records), size=args.limit, replace=False))
         records = [records[i] for i in keep]
     return records, [{"path": r.path, "kept": r.kept, "skipped": dict(r.skipped)} for r in reports]
@@ -152,7 +157,7 @@ def run_selection(args: SelectArgs) -> SelectionResult:
         "pool_size": n,
         "seed": args.seed,
         "limit": args.limit,
-        "limit_seed": args.seed if args.limit_seed is None else args.limit_seed,  # which pool subset
+        "limit_seed": pool_seed(args),  # which pool subset
         "data": load_reports,
         "template": args.template,
         "cutoff": args.cutoff,
