@@ -12,12 +12,17 @@ Configuration (issue 6; sized for a 2-core CPU, see the README for what it measu
   with acc, acc_norm, mean gold-choice log-probability and standard errors (secondary).
 
 Every stage is cached (see `paser pipeline`), so run it in the background and re-run the same
-command after an interruption: it continues where it stopped.
+command after an interruption: it continues where it stopped. Each finished row also goes to
+the results archive in the repository (`benchmarks/results/recovery/<config>/`, a few hundred
+kB a row: evaluation results with their per-item arrays, selection and recovery summaries, the
+per-sample scores). On this CPU the run takes longer than one working session and a new machine
+starts with an empty cache: committing the archive is what lets the next machine continue
+instead of starting again.
 
-    .venv/bin/python benchmarks/recovery.py [--out DIR] [--quick] [--structured] [--summary]
+    .venv/bin/python benchmarks/recovery.py [--out DIR] [--archive DIR] [--quick] [--structured] [--summary]
 
 `--summary` runs nothing: it prints the README's two tables (the main numbers and the paired
-differences) from the results the run has so far.
+differences) from the rows the archive holds, on any machine.
 """
 
 from __future__ import annotations
@@ -31,7 +36,10 @@ from pathlib import Path
 import yaml
 
 
-def config(out: Path, quick: bool, structured: bool) -> dict:
+REPO = Path(__file__).resolve().parent.parent
+
+
+def config(out: Path, quick: bool, structured: bool, archive: Path | None = None) -> dict:
     cfg = {
         "out": str(out),
         "original": "smollm2-135m",
@@ -49,6 +57,7 @@ def config(out: Path, quick: bool, structured: bool) -> dict:
             "ppl_window": 512,
         },
         "cache_dir": str(out / "cache"),
+        "archive": str(archive) if archive else None,
     }
     if quick:  # a smoke run of the same code path, minutes instead of hours
         cfg.update(pool_limit=200, seeds=[0], methods=["paser", "random"])
@@ -102,20 +111,27 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=default_out, help=f"output and cache directory (default {default_out})")
     ap.add_argument("--quick", action="store_true", help="a small smoke configuration")
     ap.add_argument("--structured", action="store_true", help="LLM-Pruner-style structured 25 %% instead of Wanda 50 %%")
+    ap.add_argument("--archive", type=Path, default=None,
+                    help="results archive (default benchmarks/results/recovery/<config> in the repository; none for --quick)")
     ap.add_argument("--summary", action="store_true", help="print the README tables from the results so far; run nothing")
     args = ap.parse_args()
-    out = args.out / ("structured25" if args.structured else "wanda50") / ("quick" if args.quick else "full")
-    if args.summary:
-        path = out / "results.json"
-        if not path.exists():
-            print(f"no results yet at {path}; run without --summary first", file=sys.stderr)
-            return 2
-        print(summary_tables(json.loads(path.read_text())))
-        return 0
+    name = "structured25" if args.structured else "wanda50"
+    out = args.out / name / ("quick" if args.quick else "full")
+    archive = args.archive or (None if args.quick else REPO / "benchmarks" / "results" / "recovery" / name)
     out.mkdir(parents=True, exist_ok=True)
     cfg_path = out / "experiment.yaml"
-    cfg_path.write_text(yaml.safe_dump(config(out, args.quick, args.structured), sort_keys=False))
-    from paser.pipeline import run_pipeline
+    cfg_path.write_text(yaml.safe_dump(config(out, args.quick, args.structured, archive), sort_keys=False))
+    from paser.pipeline import archived_results, run_pipeline
+
+    if args.summary:
+        res = archived_results(cfg_path) if archive else None
+        if res is None and (out / "results.json").exists():
+            res = json.loads((out / "results.json").read_text())
+        if not res or not res["rows"]:
+            print(f"no results yet (archive {archive}, run {out}); run without --summary first", file=sys.stderr)
+            return 2
+        print(summary_tables(res))
+        return 0
 
     print(run_pipeline(cfg_path))
     res = json.loads((out / "results.json").read_text())

@@ -19,7 +19,8 @@ from typing import Any
 
 from paser.config import RecoverArgs, SelectArgs, _yaml_key_line, build_args, load_yaml
 from paser.errors import InputError, PaserError
-from paser.io.cache import atomic_write_json, stable_hash
+from paser.io.archive import ResultArchive, archive_key
+from paser.io.cache import atomic_write_json, default_cache_dir, stable_hash
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,10 @@ class PipelineConfig:
     include_dense: bool = True
     include_unrecovered: bool = True
     cache_dir: str | None = None
+    # A results archive (see paser.io.archive): finished rows are kept there as small files and
+    # reused by any later run with the same archive, on any machine; commit it to carry a long
+    # experiment across machines.
+    archive: str | None = None
 
 
 def load_pipeline_config(path: str | Path, out: str | None = None) -> PipelineConfig:
@@ -106,20 +111,35 @@ def run_pipeline(config_path: str | Path, out: str | None = None) -> str:
             costs[label] = costs.get(label, 0.0) + time.time() - t
 
     # 1. prune (or take the given pruned model)
+    prune_key = _prune_key(cfg)
     if cfg.pruned:
         pruned_dir = cfg.pruned
-        prune_key = {"pruned": cfg.pruned}
     else:
-        st = Stage(root, "pruned", cfg.prune.get("method", "wanda"), {"original": cfg.original, **cfg.prune})
+        st = Stage(root, "pruned", cfg.prune.get("method", "wanda"), prune_key)
         if not st.done:
             from paser import api
 
             timed("prune", api.prune, model=cfg.original, out=str(st.dir), **cfg.prune)
             st.finish({})
-        pruned_dir, prune_key = str(st.dir), st.key
+        pruned_dir = str(st.dir)
     log.info("pruned model: %s", pruned_dir)
 
     ev = dict(cfg.evaluate)
+    archive = ResultArchive(cfg.archive) if cfg.archive else None
+    cache_root = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
+    archive_info: dict[str, Any] = {}
+    pruned_fp: str | None = None
+    if archive is not None:
+        from paser.io.models import fingerprint_directory
+
+        restored = archive.restore_scores(cache_root)
+        try:
+            pruned_fp = fingerprint_directory(pruned_dir)
+        except Exception:  # a hub id or an unusual layout: rows are still matched by key
+            pruned_fp = None
+        archive_info = {"dir": str(archive.root), "pruned_fingerprint": pruned_fp, "score_files_restored": restored,
+                        "reused": [], "fingerprint_differs": []}
+        log.info("archive %s: %d score files restored", archive.root, restored)
 
     def evaluate(name: str, model: str) -> dict | None:
         """Evaluate one model; `evaluate.limits` ({task: n}) overrides `evaluate.limit` per task."""
@@ -167,22 +187,10 @@ def run_pipeline(config_path: str | Path, out: str | None = None) -> str:
             return None
 
     from paser.io.provenance import environment
-    from paser.report.experiment import unit_label, write_experiment_report
+    from paser.report.experiment import write_experiment_report
 
-    # Seed-major order: every method's first seed comes before any second seed, so a long run
-    # that is interrupted already holds one complete comparison (and re-running continues it).
-    # Full data comes last, once: it has nothing to sample (one seed) and ignores the budget,
-    # and it costs as much as all the budgeted units together, so the seeded comparisons
-    # should not wait for it.
-    units = [
-        (str(budget), method, int(seed))
-        for seed in cfg.seeds
-        for budget in cfg.budgets
-        for method in cfg.methods
-        if method != "full"
-    ]
-    if "full" in cfg.methods:
-        units.append((str(cfg.budgets[0]), "full", int(cfg.seeds[0])))
+    plan = plan_rows(cfg)  # dense, unrecovered, then the units in their run order
+    units = [p for p in plan if p.seed is not None]
     selections: dict[str, dict] = {}
     env = environment()  # versions and git revision: the same for every rewrite of the report
 
@@ -200,20 +208,44 @@ def run_pipeline(config_path: str | Path, out: str | None = None) -> str:
             "failures": failures,
             "progress": {"units_done": done, "units_total": len(units), "complete": done == len(units)},
             "environment": env,
+            **({"archive": archive_info} if archive is not None else {}),
         }
         atomic_write_json(root / "results.json", summary)
         return write_experiment_report(summary, root)
 
-    if cfg.include_dense:
-        rows.append({"method": "dense (unpruned)", "budget": None, "seed": None, "results": evaluate("dense", cfg.original)})
-    if cfg.include_unrecovered:
-        rows.append({"method": "pruned, no recovery", "budget": None, "seed": None, "results": evaluate("unrecovered", pruned_dir)})
+    def archived(label: str, key: dict, compute) -> dict:
+        """The archived row for `key`, else `compute()`'s row, archived once it has results."""
+        if archive is not None:
+            rec = archive.get(label, key)
+            if rec is not None:
+                log.info("%s: read from the archive (%s)", label, rec["row"]["archived_from"])
+                archive_info["reused"].append(label)
+                if pruned_fp and rec.get("pruned_fingerprint") and rec["pruned_fingerprint"] != pruned_fp:
+                    log.warning("%s: archived from a pruned model with fingerprint %s, this run's is %s",
+                                label, rec["pruned_fingerprint"], pruned_fp)
+                    archive_info["fingerprint_differs"].append(label)
+                row = rec["row"]
+                if "_selection" in row:  # the PASER figures travel with the archived row
+                    row["_selection"]["dir"] = row["archived_from"]
+                return row
+        row = compute()
+        if archive is not None and row.get("results") is not None:
+            sel_dir = row.get("selection_dir")
+            archive.put(label, key, row, pruned_fingerprint=pruned_fp, provenance=env, selection_dir=sel_dir,
+                        selected_ids=_record_ids(Path(sel_dir) / "selected.jsonl") if sel_dir else None)
+            archive.save_scores(cache_root)
+        return row
 
-    for k, (budget, method, seed) in enumerate(units):
-        label = unit_label(method, budget, seed)
+    for p in plan:
+        if p.seed is None:  # the dense and the unrecovered model
+            model = cfg.original if p.label == "dense" else pruned_dir
+            rows.append(archived(p.label, p.key, lambda: {
+                "method": p.method, "budget": None, "seed": None, "results": evaluate(p.label, model)}))
+    for k, p in enumerate(units):
+        label, method, budget, seed = p.label, p.method, p.budget, p.seed
         log.info("unit %d/%d: %s", k + 1, len(units), label)
         try:
-            row = _run_unit(cfg, root, pruned_dir, prune_key, method, budget, seed, timed, evaluate)
+            row = archived(label, p.key, lambda: _run_unit(cfg, root, pruned_dir, prune_key, method, budget, seed, timed, evaluate))
             selections[label] = row.pop("_selection")
             rows.append(row)
         except Exception as e:
@@ -230,10 +262,78 @@ def run_pipeline(config_path: str | Path, out: str | None = None) -> str:
     return msg
 
 
-def _run_unit(cfg: PipelineConfig, root: Path, pruned_dir: str, prune_key: dict, method: str, budget: str, seed: int, timed, evaluate) -> dict:
-    from paser import api
+@dataclass(frozen=True)
+class PlannedRow:
+    """One row of the experiment's table, in run order, with the key it is archived under."""
+
+    label: str
+    method: str
+    budget: str | None
+    seed: int | None
+    key: dict
+
+
+def _prune_key(cfg: PipelineConfig) -> dict:
+    return {"pruned": cfg.pruned} if cfg.pruned else {"original": cfg.original, **cfg.prune}
+
+
+def plan_rows(cfg: PipelineConfig) -> list[PlannedRow]:
+    """Every row the config asks for: dense, unrecovered, then the units.
+
+    Seed-major order: every method's first seed comes before any second seed, so a long run
+    that is interrupted already holds one complete comparison (and re-running continues it).
+    Full data comes last, once: it has nothing to sample (one seed) and ignores the budget,
+    and it costs as much as all the budgeted units together, so the seeded comparisons
+    should not wait for it.
+    """
     from paser.report.experiment import unit_label
 
+    prune_key = _prune_key(cfg)
+    ev = dict(cfg.evaluate)
+    plan = []
+    if cfg.include_dense:
+        plan.append(PlannedRow("dense", "dense (unpruned)", None, None, archive_key(kind="dense", original=cfg.original, evaluate=ev)))
+    if cfg.include_unrecovered:
+        plan.append(PlannedRow("unrecovered", "pruned, no recovery", None, None, archive_key(kind="unrecovered", prune=prune_key, evaluate=ev)))
+    units = [(str(b), m, int(s)) for s in cfg.seeds for b in cfg.budgets for m in cfg.methods if m != "full"]
+    if "full" in cfg.methods:
+        units.append((str(cfg.budgets[0]), "full", int(cfg.seeds[0])))
+    for budget, method, seed in units:
+        # The unit's key leaves out where this machine keeps the pruned model and its caches.
+        sel_opts, rec_opts = _unit_options(cfg, "", method, budget, seed)
+        sel_key = {**{k: v for k, v in sel_opts.items() if k != "cache_dir"}, "pruned": prune_key}
+        key = archive_key(kind="unit", select=sel_key, recover=rec_opts, evaluate=ev)
+        plan.append(PlannedRow(unit_label(method, budget, seed), method, budget, seed, key))
+    return plan
+
+
+def archived_results(config_path: str | Path) -> dict | None:
+    """The rows an experiment's archive holds, shaped like its results.json (for a summary on a
+    machine that has not run it); None when the config names no archive."""
+    cfg = load_pipeline_config(config_path)
+    if not cfg.archive:
+        return None
+    archive = ResultArchive(cfg.archive)
+    plan = plan_rows(cfg)
+    rows, selections, reused = [], {}, []
+    for p in plan:
+        rec = archive.get(p.label, p.key)
+        if rec is None:
+            continue
+        row = rec["row"]
+        reused.append(p.label)
+        if "_selection" in row:
+            selections[p.label] = {**row.pop("_selection"), "dir": row["archived_from"]}
+        rows.append(row)
+    n_units = sum(1 for p in plan if p.seed is not None)
+    done = sum(1 for p in plan if p.seed is not None and p.label in reused)
+    return {"config": dataclasses.asdict(cfg), "rows": rows, "selections": selections,
+            "progress": {"units_done": done, "units_total": n_units, "complete": done == n_units},
+            "archive": {"dir": str(archive.root), "reused": reused}}
+
+
+def _unit_options(cfg: PipelineConfig, pruned_dir: str, method: str, budget: str, seed: int) -> tuple[dict, dict]:
+    """The select and recover options of one unit (what its stage keys are made of)."""
     sel_opts = {
         **cfg.select,
         "original": cfg.original,
@@ -252,6 +352,14 @@ def _run_unit(cfg: PipelineConfig, root: Path, pruned_dir: str, prune_key: dict,
     pool_seed = cfg.pool_seed if cfg.pool_seed is not None else int(cfg.seeds[0])
     if cfg.pool_limit is not None and pool_seed != seed:
         sel_opts["limit_seed"] = pool_seed
+    return sel_opts, {**cfg.recover, "seed": seed}
+
+
+def _run_unit(cfg: PipelineConfig, root: Path, pruned_dir: str, prune_key: dict, method: str, budget: str, seed: int, timed, evaluate) -> dict:
+    from paser import api
+    from paser.report.experiment import unit_label
+
+    sel_opts, rec_opts = _unit_options(cfg, pruned_dir, method, budget, seed)
     label = unit_label(method, budget, seed)
     sel = Stage(root, "select", label, {**sel_opts, "pruned": prune_key})
     if not sel.done:
@@ -260,7 +368,6 @@ def _run_unit(cfg: PipelineConfig, root: Path, pruned_dir: str, prune_key: dict,
         sel.finish({"selected": rep.get("selected"), "seconds": rep.get("timings_s", {}).get("total"), "tokens_scored": rep.get("scoring", {}).get("tokens")})
     sel_info = sel.info()
 
-    rec_opts = {**cfg.recover, "seed": seed}
     rec = Stage(root, "recover", label, {"selection": sel.hash, **rec_opts, "pruned": prune_key})
     if not rec.done:
         timed("recover", api.recover, RecoverArgs(model=pruned_dir, data=str(sel.dir / "selected.jsonl"), out=str(rec.dir), **rec_opts))
@@ -281,6 +388,12 @@ def _run_unit(cfg: PipelineConfig, root: Path, pruned_dir: str, prune_key: dict,
             "capabilities": _capability_counts(sel.dir / "selected.jsonl"),
         },
     }
+
+
+def _record_ids(path: Path) -> list[str]:
+    """The ids of a selection's records, in file order (what the archive keeps of it)."""
+    with open(path, encoding="utf-8") as f:
+        return [str(json.loads(line).get("id")) for line in f if line.strip()]
 
 
 def _capability_counts(path: Path) -> dict[str, int]:

@@ -28,34 +28,52 @@ def response_nll_sums(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Summed NLL and token count of each example's response (ids[n_prompt:] given ids[:n_prompt]).
 
-    Length-sorted, right-padded batches; float32 log-softmax over the full vocabulary.
+    Length-sorted, right-padded batches; float32 log-softmax over the full vocabulary. The LM
+    head runs only at the positions that predict a response token (the scoring engine's
+    decoder / head split, verified against the model's own logits once): a 49K-vocabulary head
+    is a fifth of SmolLM2's compute, and logits for every prompt and padding position were
+    most of this loop's memory traffic.
     """
+    from paser.score.engine import _Item, _ModelView
+
     device = next(model.parameters()).device
     sums = np.zeros(len(examples))
     counts = np.zeros(len(examples), dtype=np.int64)
     order = sorted(range(len(examples)), key=lambda i: -len(examples[i][0]))
+    view = _ModelView(model)
     bar = tqdm(total=sum(len(e[0]) for e in examples), unit="tok", unit_scale=True, desc=desc, disable=not show_progress)
     with torch.inference_mode():
+        if examples:
+            shortest = min(examples, key=lambda e: len(e[0]))
+            view.verify(_Item("verify", tuple(shortest[0]), shortest[1]))
         for s in range(0, len(order), batch_size):
             idx = order[s : s + batch_size]
             L = max(len(examples[i][0]) for i in idx)
             ids = torch.full((len(idx), L), pad_id, dtype=torch.long)
-            mask = torch.zeros((len(idx), L), dtype=torch.long)
-            labels = torch.full((len(idx), L), -100, dtype=torch.long)
+            rows, cols, tgts = [], [], []
             for r, i in enumerate(idx):
                 seq, n_prompt = examples[i]
                 ids[r, : len(seq)] = torch.tensor(seq)
-                mask[r, : len(seq)] = 1
-                labels[r, n_prompt : len(seq)] = torch.tensor(seq[n_prompt:])
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
-            tgt = labels[:, 1:].to(logits.device)
-            valid = tgt != -100
-            lp = logits[:, :-1].gather(-1, tgt.clamp(min=0).unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits[:, :-1], -1)
-            nll = (-(lp * valid)).double().sum(-1).cpu().numpy()
-            for r, i in enumerate(idx):
-                sums[i] = nll[r]
-                counts[i] = int(valid[r].sum())
-            bar.update(int(mask.sum()))
+                # position t predicts token t + 1: the response tokens seq[n_prompt:] are
+                # predicted at positions n_prompt - 1 … len(seq) - 2
+                start = max(n_prompt, 1)
+                rows += [r] * (len(seq) - start)
+                cols += range(start - 1, len(seq) - 1)
+                tgts += seq[start:]
+            if rows:
+                # Right padding and causal attention: no real position attends to padding,
+                # so no mask is needed (see _ModelView.hidden).
+                h = view.hidden(ids.to(device))
+                r_idx, c_idx = torch.tensor(rows, device=h.device), torch.tensor(cols, device=h.device)
+                logits = view.logits(h[r_idx, c_idx]).float()
+                tgt = torch.tensor(tgts, device=logits.device)
+                nll = (torch.logsumexp(logits, -1) - logits.gather(-1, tgt[:, None]).squeeze(-1)).double()
+                per_row = torch.zeros(len(idx), dtype=torch.float64, device=nll.device).index_add_(0, r_idx.to(nll.device), nll)
+                n_row = torch.bincount(r_idx, minlength=len(idx)).cpu().numpy()
+                for r, i in enumerate(idx):
+                    sums[i] = float(per_row[r])
+                    counts[i] = int(n_row[r])
+            bar.update(sum(len(examples[i][0]) for i in idx))
     bar.close()
     return sums, counts
 

@@ -361,6 +361,17 @@ def write_experiment_report(summary: dict, root: Path) -> tuple[str, Path]:
         "re-run the same command to continue (finished stages are cached)."
         if prog and not prog.get("complete", True) else ""
     )
+    arch = summary.get("archive") or {}
+    if arch.get("reused"):
+        status += (" " if status else "") + (
+            f"{len(arch['reused'])} row(s) were read from the results archive `{arch['dir']}` "
+            f"({', '.join(arch['reused'])}), where earlier runs left them."
+        )
+    if arch.get("fingerprint_differs"):
+        status += (
+            f" Of those, {', '.join(arch['fingerprint_differs'])} came from a pruned model whose weights differ "
+            f"from this run's ({arch.get('pruned_fingerprint')}): the same pruning configuration, another machine's result."
+        )
     md = [
         "# paser experiment report",
         "",
