@@ -112,3 +112,25 @@ def tiny_pruned_dir(tmp_path_factory, tiny_tokenizer):
     model.save_pretrained(d)
     tiny_tokenizer.save_pretrained(d)
     return d
+
+
+def write_pipeline_config(path, original, pruned, out, methods, recover="{max_steps: 2, batch_size: 2}", extra=""):
+    """A `paser pipeline` config on the tiny models: small pool, one budget and seed, a few
+    training steps and a small evaluation, so a whole pipeline runs in seconds."""
+    import json
+
+    path.write_text(
+        f"""out: {out}
+original: {original}
+pruned: {pruned}
+pool_limit: 40
+budgets: ["6"]
+methods: {json.dumps(methods)}
+seeds: [0]
+cache_dir: {out}/cache
+select: {{k_min: 2, k_max: 4, plots: false}}
+recover: {recover}
+evaluate: {{tasks: "wikitext2,heldout,piqa", limit: 4, ppl_tokens: 256, ppl_window: 64}}
+{extra}"""
+    )
+    return path

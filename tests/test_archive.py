@@ -7,26 +7,11 @@ from __future__ import annotations
 import json
 import shutil
 
-import pytest
+from conftest import write_pipeline_config
 
 
 def _config(path, original, pruned, out, archive, methods, recover="{max_steps: 2, batch_size: 2}"):
-    path.write_text(
-        f"""out: {out}
-original: {original}
-pruned: {pruned}
-pool_limit: 40
-budgets: ["6"]
-methods: {json.dumps(methods)}
-seeds: [0]
-cache_dir: {out}/cache
-archive: {archive}
-select: {{k_min: 2, k_max: 4, plots: false}}
-recover: {recover}
-evaluate: {{tasks: "wikitext2,heldout,piqa", limit: 4, ppl_tokens: 256, ppl_window: 64}}
-"""
-    )
-    return path
+    return write_pipeline_config(path, original, pruned, out, methods, recover=recover, extra=f"archive: {archive}\n")
 
 
 def _numbers(res: dict) -> list:

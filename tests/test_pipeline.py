@@ -10,23 +10,7 @@ import pytest
 
 from paser.cli import main
 
-
-def _config(path, tiny_model_dir, tiny_pruned_dir, out, methods):
-    path.write_text(
-        f"""out: {out}
-original: {tiny_model_dir}
-pruned: {tiny_pruned_dir}
-pool_limit: 40
-budgets: ["6"]
-methods: {json.dumps(methods)}
-seeds: [0]
-cache_dir: {out}/cache
-select: {{k_min: 2, k_max: 4, plots: false}}
-recover: {{max_steps: 2, batch_size: 2}}
-evaluate: {{tasks: "wikitext2,heldout,piqa", limit: 4, ppl_tokens: 256, ppl_window: 64}}
-"""
-    )
-    return path
+from conftest import write_pipeline_config as _config
 
 
 def test_pipeline_end_to_end_and_incremental(tmp_path, tiny_model_dir, tiny_pruned_dir, capsys):
@@ -121,6 +105,10 @@ def test_pipeline_config_errors_name_the_key(tmp_path, capsys):
     assert main(["pipeline", "--config", str(cfg)]) == 2
     err = capsys.readouterr().err
     assert "bad.yaml, line 3, field 'pool_seed'" in err and "expected an integer" in err and "Traceback" not in err
+    cfg.write_text("out: x\narchive: [a, b]\n")
+    assert main(["pipeline", "--config", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "bad.yaml, line 2, field 'archive'" in err and "expected a directory path" in err
 
 
 def test_every_seed_selects_from_the_same_pool(tmp_path, tiny_model_dir, tiny_pruned_dir, monkeypatch):

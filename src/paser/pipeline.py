@@ -65,6 +65,10 @@ def load_pipeline_config(path: str | Path, out: str | None = None) -> PipelineCo
         v = getattr(cfg, key)
         if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
             raise InputError(str(path), f"expected an integer, got {v!r}", line=_yaml_key_line(path, key), field=key)
+    for key in ("out", "archive", "cache_dir"):
+        v = getattr(cfg, key)
+        if v is not None and not isinstance(v, str):
+            raise InputError(str(path), f"expected a directory path, got {v!r}", line=_yaml_key_line(path, key), field=key)
     # Validate the nested option blocks now, not after an hour of work.
     build_args(SelectArgs, {**cfg.select, "method": "paser"}, source=path)
     build_args(RecoverArgs, cfg.recover, source=path)
@@ -233,7 +237,7 @@ def run_pipeline(config_path: str | Path, out: str | None = None) -> str:
             sel_dir = row.get("selection_dir")
             archive.put(label, key, row, pruned_fingerprint=pruned_fp, provenance=env, selection_dir=sel_dir,
                         selected_ids=_record_ids(Path(sel_dir) / "selected.jsonl") if sel_dir else None)
-            archive.save_scores(cache_root)
+            archive.save_scores(cache_root, pruned_fp)
         return row
 
     for p in plan:

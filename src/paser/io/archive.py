@@ -90,17 +90,31 @@ class ResultArchive:
 
     # ------------------------------------------------------------------ score stores
 
-    def save_scores(self, cache_dir: str | Path) -> int:
-        """Copy the score stores' finished shards from a cache into the archive; returns files copied."""
-        return _mirror(Path(cache_dir) / "scores", self.root / "scores")
+    def save_scores(self, cache_dir: str | Path, fingerprint: str | None) -> int:
+        """Copy the finished shards of the cache's score stores that scored the model with this
+        fingerprint (a cache may hold other experiments' stores too) into the archive; returns
+        the number of files copied."""
+        if not fingerprint:
+            return 0
+        return _mirror(Path(cache_dir) / "scores", self.root / "scores", fingerprint)
 
     def restore_scores(self, cache_dir: str | Path) -> int:
         """Copy archived score shards into a cache where it lacks them; returns files copied."""
         return _mirror(self.root / "scores", Path(cache_dir) / "scores")
 
 
-def _mirror(src_root: Path, dst_root: Path) -> int:
-    """Copy meta.json and shard files of every store under src_root/<kind>/<hash>/ that dst lacks.
+def _scored_model(store: Path) -> str | None:
+    """The fingerprint of the model a store scored: `pruned` (degradation) or `model` (loss)."""
+    try:
+        meta = json.loads((store / "meta.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    return meta.get("pruned") or meta.get("model")
+
+
+def _mirror(src_root: Path, dst_root: Path, fingerprint: str | None = None) -> int:
+    """Copy meta.json and shard files of every store under src_root/<kind>/<hash>/ that dst lacks
+    (only the stores of the model with `fingerprint`, when given).
 
     Shards are immutable once written (named by a random id), so copying the missing ones is a
     complete sync; each copy is atomic, so a kill leaves no half shard.
@@ -108,6 +122,8 @@ def _mirror(src_root: Path, dst_root: Path) -> int:
     n = 0
     for kind in SCORE_STORES:
         for store in sorted((src_root / kind).glob("*")) if (src_root / kind).is_dir() else []:
+            if fingerprint is not None and _scored_model(store) != fingerprint:
+                continue
             for f in sorted(store.iterdir()):
                 if f.name == "meta.json" or (f.name.startswith("shard-") and f.suffix == ".parquet"):
                     dst = dst_root / kind / store.name / f.name
