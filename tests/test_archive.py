@@ -68,7 +68,7 @@ def test_a_fresh_machine_reuses_the_archive(tmp_path, tiny_model_dir, tiny_prune
 
     # The archive alone gives the rows to a machine that has run nothing (benchmarks' --summary).
     summary = pl.archived_results(cfg2)
-    assert [r["label"] if "label" in r else r["method"] for r in summary["rows"]][:2] == ["dense (unpruned)", "pruned, no recovery"]
+    assert [r["method"] for r in summary["rows"]][:2] == ["dense (unpruned)", "pruned, no recovery"]
     assert [(r["method"], r["seed"]) for r in summary["rows"][2:]] == [("random", 0), ("ifd", 0), ("random", 1), ("ifd", 1)]
     assert summary["progress"] == {"units_done": 4, "units_total": 4, "complete": True}
 

@@ -160,6 +160,28 @@ def test_heldout_loss_matches_direct(tiny):
     assert limited["capabilities"]["all"]["n"] == 3
 
 
+def test_heldout_loss_of_a_model_without_a_separate_head(tiny):
+    """A model that only hands back logits is scored by full forwards, to the same numbers."""
+    from types import SimpleNamespace
+
+    from paser.io.records import Record
+
+    model, tok = tiny
+
+    class LogitsOnly(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids, **kw):
+            return SimpleNamespace(logits=self.inner(input_ids=input_ids).logits)
+
+    recs = [Record("Say it.", "", f"Number {i} is here.", extra={"capability": "general"}) for i in range(5)]
+    split = heldout.heldout_loss(model, tok, recs, batch_size=2, show_progress=False)
+    plain = heldout.heldout_loss(LogitsOnly(model), tok, recs, batch_size=2, show_progress=False)
+    assert plain["record_loss"] == pytest.approx(split["record_loss"], rel=1e-5)
+
+
 def test_resolve_tasks():
     assert runner.resolve_tasks(["commonsense"]) == list(COMMONSENSE_TASKS)
     assert runner.resolve_tasks("wikitext2,arc_e,wikitext") == ["wikitext2", "arc_easy"]
