@@ -25,20 +25,23 @@ def test_a_fresh_machine_reuses_the_archive(tmp_path, tiny_model_dir, tiny_prune
     pruned = tmp_path / "pruned"
     shutil.copytree(tiny_pruned_dir, pruned)
     archive = tmp_path / "archive"
-    cfg1 = _config(tmp_path / "a.yaml", tiny_model_dir, pruned, tmp_path / "machine1", archive, ["random", "ifd"])
+    cfg1 = _config(tmp_path / "a.yaml", tiny_model_dir, pruned, tmp_path / "machine1", archive, ["random", "ifd", "paser"])
     pl.run_pipeline(cfg1)
     first = json.loads((tmp_path / "machine1" / "results.json").read_text())
     assert not first["failures"] and first["archive"]["reused"] == []
     rows = sorted(p.parent.name.rsplit("-", 1)[0] for p in archive.glob("rows/*/row.json"))
-    assert rows == ["dense", "ifd-b6-s0", "random-b6-s0", "unrecovered"]
+    assert rows == ["dense", "ifd-b6-s0", "paser-b6-s0", "random-b6-s0", "unrecovered"]
     assert list(archive.glob("scores/loss/*/shard-*.parquet"))  # ifd's per-sample losses travel too
+    assert list(archive.glob("scores/degradation/*/shard-*.parquet"))  # and PASER's JSDs
+    assert (next(archive.glob("rows/paser-b6-s0-*")) / "report.json").exists()
     ids = json.loads(next(archive.glob("rows/ifd-b6-s0-*/selected_ids.json")).read_text())
     assert len(ids) == 6
 
     # "Another machine": a new output and cache directory, nothing of machine 1 but the archive,
-    # and a second seed. The archived rows must not be recomputed; ifd's second seed runs, and
-    # reads every per-sample loss from the restored store instead of running the model.
-    real_unit, real_loss = pl._run_unit, engine.score_loss
+    # and a second seed. The archived rows must not be recomputed; the second seeds run, and
+    # ifd and paser read every per-sample score from the restored stores instead of running
+    # the models.
+    real_unit, real_loss, real_jsd = pl._run_unit, engine.score_loss, engine.score_degradation
     ran, scored = [], []
 
     def unit(cfg_, root, pdir, pkey, method, budget, seed, *a):
@@ -50,27 +53,33 @@ def test_a_fresh_machine_reuses_the_archive(tmp_path, tiny_model_dir, tiny_prune
         scored.append(out.stats.samples_scored)
         return out
 
+    def jsd(*a, **k):
+        out = real_jsd(*a, **k)
+        scored.append(out.stats.samples_scored)
+        return out
+
     monkeypatch.setattr(pl, "_run_unit", unit)
     monkeypatch.setattr(engine, "score_loss", loss)
-    cfg2 = _config(tmp_path / "b.yaml", tiny_model_dir, pruned, tmp_path / "machine2", archive, ["random", "ifd"])
+    monkeypatch.setattr(engine, "score_degradation", jsd)
+    cfg2 = _config(tmp_path / "b.yaml", tiny_model_dir, pruned, tmp_path / "machine2", archive, ["random", "ifd", "paser"])
     cfg2.write_text(cfg2.read_text().replace("seeds: [0]", "seeds: [0, 1]"))
     pl.run_pipeline(cfg2)
     second = json.loads((tmp_path / "machine2" / "results.json").read_text())
     assert not second["failures"]
-    assert ran == [("random", 1), ("ifd", 1)]
-    assert scored and all(n == 0 for n in scored)
-    assert second["archive"]["reused"] == ["dense", "unrecovered", "random-b6-s0", "ifd-b6-s0"]
+    assert ran == [("random", 1), ("ifd", 1), ("paser", 1)]
+    assert len(scored) == 3 and all(n == 0 for n in scored)  # loss(y|x), loss(y), JSD: all restored
+    assert second["archive"]["reused"] == ["dense", "unrecovered", "random-b6-s0", "ifd-b6-s0", "paser-b6-s0"]
     assert second["archive"]["score_files_restored"] > 0 and second["archive"]["fingerprint_differs"] == []
-    assert _numbers(second)[:4] == _numbers(first)
+    assert _numbers(second)[:5] == _numbers(first)
     assert second["selections"]["ifd-b6-s0"]["capabilities"] == first["selections"]["ifd-b6-s0"]["capabilities"]
     md = (tmp_path / "machine2" / "report.md").read_text()
-    assert "4 row(s) were read from the results archive" in md
+    assert "5 row(s) were read from the results archive" in md
 
     # The archive alone gives the rows to a machine that has run nothing (benchmarks' --summary).
     summary = pl.archived_results(cfg2)
     assert [r["method"] for r in summary["rows"]][:2] == ["dense (unpruned)", "pruned, no recovery"]
-    assert [(r["method"], r["seed"]) for r in summary["rows"][2:]] == [("random", 0), ("ifd", 0), ("random", 1), ("ifd", 1)]
-    assert summary["progress"] == {"units_done": 4, "units_total": 4, "complete": True}
+    assert [(r["method"], r["seed"]) for r in summary["rows"][2:]] == [("random", 0), ("ifd", 0), ("paser", 0), ("random", 1), ("ifd", 1), ("paser", 1)]
+    assert summary["progress"] == {"units_done": 6, "units_total": 6, "complete": True}
 
 
 def test_the_archive_matches_by_what_made_a_row(tmp_path, tiny_model_dir, tiny_pruned_dir, one_thread):
