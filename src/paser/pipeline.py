@@ -228,10 +228,7 @@ def run_pipeline(config_path: str | Path, out: str | None = None) -> str:
                     log.warning("%s: archived from a pruned model with fingerprint %s, this run's is %s",
                                 label, rec["pruned_fingerprint"], pruned_fp)
                     archive_info["fingerprint_differs"].append(label)
-                row = rec["row"]
-                if "_selection" in row:  # the PASER figures travel with the archived row
-                    row["_selection"]["dir"] = row["archived_from"]
-                return row
+                return rec["row"]
         row = compute()
         if archive is not None and row.get("results") is not None:
             sel_dir = row.get("selection_dir")
@@ -327,7 +324,7 @@ def archived_results(config_path: str | Path) -> dict | None:
         row = rec["row"]
         reused.append(p.label)
         if "_selection" in row:
-            selections[p.label] = {**row.pop("_selection"), "dir": row["archived_from"]}
+            selections[p.label] = row.pop("_selection")
         rows.append(row)
     n_units = sum(1 for p in plan if p.seed is not None)
     done = sum(1 for p in plan if p.seed is not None and p.label in reused)

@@ -60,7 +60,10 @@ class ResultArchive:
         if rec.get("key") != json.loads(json.dumps(key, default=str)):
             log.warning("archive: %s holds another key (hash collision or hand edit); ignoring it", path)
             return None
-        rec["row"]["archived_from"] = str(path.parent)
+        row = rec["row"]
+        row["archived_from"] = str(path.parent)
+        if "_selection" in row:  # the PASER figures travel with the archived row
+            row["_selection"]["dir"] = row["archived_from"]
         return rec
 
     def put(self, label: str, key: dict, row: dict, *, pruned_fingerprint: str | None, provenance: dict,
