@@ -99,6 +99,14 @@ def summary_tables(results: dict) -> str:
     out = markdown_table(main_h, main_b)
     if pair_h:
         out += "\n\n" + markdown_table(pair_h, pair_b)
+    # Rows archived on different machines may come from pruned models whose masks differ in a
+    # few ties at the threshold (each machine re-runs the pruning): say which rows, so that a
+    # reader can weigh the mix (the README gives the measured size of the difference).
+    by_fp: dict[str, list[str]] = {}
+    for label, fp in ((results.get("archive") or {}).get("pruned_fingerprints") or {}).items():
+        by_fp.setdefault(fp or "unknown", []).append(label)
+    if len(by_fp) > 1:
+        out += "\n\nPruned models: " + "; ".join(f"fingerprint {fp}: {', '.join(labels)}" for fp, labels in by_fp.items()) + "."
     prog = results.get("progress") or {}
     if prog and not prog.get("complete", True):
         out += f"\n\nIncomplete: {prog['units_done']} of {prog['units_total']} units done."

@@ -113,5 +113,7 @@ def test_the_archive_matches_by_what_made_a_row(tmp_path, tiny_model_dir, tiny_p
     assert res["archive"]["reused"] == ["random-b6-s0"]  # the damaged unrecovered row was recomputed
     assert res["archive"]["fingerprint_differs"] == ["random-b6-s0"]
     assert "came from a pruned model whose weights differ" in (tmp_path / "m3" / "report.md").read_text()
+    fps = pl.archived_results(cfg)["archive"]["pruned_fingerprints"]  # what benchmarks' --summary names
+    assert set(fps) == {"unrecovered", "random-b6-s0"} and fps["unrecovered"] != fps["random-b6-s0"]
     json.loads(row.read_text())  # and rewritten whole
 
