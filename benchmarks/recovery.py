@@ -99,9 +99,10 @@ def summary_tables(results: dict) -> str:
     out = markdown_table(main_h, main_b)
     if pair_h:
         out += "\n\n" + markdown_table(pair_h, pair_b)
-    # Rows archived on different machines may come from pruned models whose masks differ in a
-    # few ties at the threshold (each machine re-runs the pruning): say which rows, so that a
-    # reader can weigh the mix (the README gives the measured size of the difference).
+    # Rows archived on different machines may come from pruned models whose masks differ
+    # slightly (each machine re-runs the pruning with the kernels its CPU selects; see
+    # prune_kernels.py): say which rows, so that a reader can weigh the mix (the README gives
+    # the measured size of the difference).
     by_fp: dict[str, list[str]] = {}
     for label, fp in ((results.get("archive") or {}).get("pruned_fingerprints") or {}).items():
         by_fp.setdefault(fp or "unknown", []).append(label)
