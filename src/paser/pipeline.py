@@ -316,22 +316,22 @@ def archived_results(config_path: str | Path) -> dict | None:
         return None
     archive = ResultArchive(cfg.archive)
     plan = plan_rows(cfg)
-    rows, selections, reused, fingerprints = [], {}, [], {}
+    rows, selections = [], {}
+    fingerprints: dict[str, str | None] = {}  # label -> its pruned model's fingerprint, in plan order
     for p in plan:
         rec = archive.get(p.label, p.key)
         if rec is None:
             continue
         row = rec["row"]
-        reused.append(p.label)
         fingerprints[p.label] = rec.get("pruned_fingerprint")
         if "_selection" in row:
             selections[p.label] = row.pop("_selection")
         rows.append(row)
     n_units = sum(1 for p in plan if p.seed is not None)
-    done = sum(1 for p in plan if p.seed is not None and p.label in reused)
+    done = sum(1 for p in plan if p.seed is not None and p.label in fingerprints)
     return {"config": dataclasses.asdict(cfg), "rows": rows, "selections": selections,
             "progress": {"units_done": done, "units_total": n_units, "complete": done == n_units},
-            "archive": {"dir": str(archive.root), "reused": reused, "pruned_fingerprints": fingerprints}}
+            "archive": {"dir": str(archive.root), "reused": list(fingerprints), "pruned_fingerprints": fingerprints}}
 
 
 def _unit_options(cfg: PipelineConfig, pruned_dir: str, method: str, budget: str, seed: int) -> tuple[dict, dict]:
