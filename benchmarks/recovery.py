@@ -66,7 +66,10 @@ def config(out: Path, quick: bool, structured: bool, archive: Path | None = None
     return cfg
 
 
-def summary_tables(results: dict) -> str:
+MAIN_COLUMNS = ["WikiText-2 PPL", "PTB PPL", "held-out loss code", "held-out loss general", "held-out loss math", "held-out loss all", "Mean acc"]
+
+
+def summary_tables(results: dict, keep: list[str] = MAIN_COLUMNS) -> str:
     """The README's condensed tables: primary metrics and mean accuracy per method (with the
     response tokens each method's recovery trained on), then paired differences against the
     unrecovered model and against random. Everything comes from paser's report functions."""
@@ -77,7 +80,6 @@ def summary_tables(results: dict) -> str:
 
     rows = results["rows"]
     header, body = build_table(rows)
-    keep = ["WikiText-2 PPL", "PTB PPL", "held-out loss code", "held-out loss general", "held-out loss math", "held-out loss all", "Mean acc"]
     idx = [header.index(k) for k in keep if k in header]
     tokens: dict[str, list] = {}
     for r in rows:

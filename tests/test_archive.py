@@ -45,7 +45,7 @@ def test_a_fresh_machine_reuses_the_archive(tmp_path, tiny_model_dir, tiny_prune
     ran, scored = [], []
 
     def unit(cfg_, root, pdir, pkey, method, budget, seed, *a):
-        ran.append((method, seed))
+        ran.append((method.label, seed))
         return real_unit(cfg_, root, pdir, pkey, method, budget, seed, *a)
 
     def loss(*a, **k):

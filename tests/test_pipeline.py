@@ -55,7 +55,7 @@ def test_interrupted_pipeline_leaves_a_partial_report_and_resumes(tmp_path, tiny
     real = pl._run_unit
 
     def killed_at_uniform(cfg_, root, pruned_dir, prune_key, method, *a):
-        if method == "uniform":
+        if method.label == "uniform":
             raise KeyboardInterrupt  # as Ctrl-C or a kill would stop the run here
         return real(cfg_, root, pruned_dir, prune_key, method, *a)
 
@@ -86,7 +86,7 @@ def test_pipeline_units_run_seed_major(tmp_path, tiny_model_dir, tiny_pruned_dir
     order = []
 
     def record(cfg_, root, pruned_dir, prune_key, method, budget, seed, *a):
-        order.append((method, budget, seed))
+        order.append((method.label, budget, seed))
         raise RuntimeError("not run here")
 
     monkeypatch.setattr(pl, "_run_unit", record)

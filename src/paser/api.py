@@ -133,6 +133,8 @@ def evaluate(args: EvaluateArgs | None = None, **kwargs) -> str:
         ppl_max_tokens=a.ppl_tokens,
         batch_size=a.batch_size,
         allow_pickle=a.allow_pickle,
+        reference=a.reference,
+        heldout_split=a.heldout_split,
     )
     return format_results(results) + f"\nresults written to {a.out}"
 

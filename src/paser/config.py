@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from paser.errors import InputError
+from paser.select.registry import allocation_rules, choices_help, rankings, selection_methods
 
 
 def _f(default: Any, help: str, **kw) -> Any:
@@ -46,13 +47,12 @@ class SelectArgs:
     original: str = _f("smollm2-135m", "the original (unpruned) model M_o")
     pruned: str = _f("", "the pruned model M_p (same tokenizer as the original)")
     data: list[str] = _f([], "instruction pool file(s): Alpaca JSON/JSONL(.gz), ShareGPT, parquet, saved HF dataset; default: the embedded pool")
-    budget: str = _f("0.1", "how many records to select: a fraction of the pool (0.1) or a count (5000)")
+    budget: str = _f("0.1", "how much to select: a fraction of the pool's records (0.1), a record count (5000), or training tokens (32000tok: response tokens of one pass, as `paser recover` trains them)")
     out: str = _f("", "output directory")
-    method: str = _f(
-        "paser",
-        "paser | random | uniform | ifd | instruction_mining | nuggets | full",
-        choices=("paser", "random", "uniform", "ifd", "instruction_mining", "nuggets", "full"),
-    )
+    method: str = _f("paser", "selection method: " + choices_help(selection_methods()), choices=lambda: tuple(selection_methods()))
+    allocation: str = _f("cds", "PASER's budget per cluster: " + choices_help(allocation_rules()), choices=lambda: tuple(allocation_rules()))
+    tau: float = _f(1.0, "exponent of CDS in the `mass` allocation rule (0: stratified by cluster size)")
+    ranking: str = _f("ies", "PASER's order within a cluster: " + choices_help(rankings()), choices=lambda: tuple(rankings()))
     seed: int = _f(0, "random seed")
     limit: int | None = _f(None, "use only the first N records of the pool after a seeded shuffle (quick runs)")
     limit_seed: int | None = _f(None, "seed of the --limit shuffle (default: --seed); fix it to compare seeds on one pool")
@@ -100,7 +100,9 @@ class RecoverArgs:
 @dataclass
 class EvaluateArgs:
     model: str = _f("", "model directory, embedded name, or LoRA adapter directory")
-    tasks: str = _f("wikitext2,ptb,commonsense", "comma-separated: wikitext2, ptb, heldout, boolq, piqa, hellaswag, winogrande, arc_easy, arc_challenge, openbookqa; or all / commonsense")
+    tasks: str = _f("wikitext2,ptb,commonsense", "comma-separated: wikitext2, ptb, heldout (response loss), heldout_jsd (JSD to --reference on the held-out responses), boolq, piqa, hellaswag, winogrande, arc_easy, arc_challenge, openbookqa; or all / commonsense")
+    reference: str = _f("smollm2-135m", "heldout_jsd: the original (unpruned) model the evaluated model is compared with")
+    heldout_split: str = _f("test", "held-out records: test (the 600 never in the pool) or dev (the dev split, for tuning)", choices=("test", "dev"))
     limit: int | None = _f(None, "items per task: a fixed, seeded subset so that runs compare")
     seed: int = _f(0, "seed of the --limit subset")
     out: str = _f("results.json", "results file")
@@ -108,6 +110,13 @@ class EvaluateArgs:
     ppl_tokens: int = _f(16384, "perplexity tokens (a fixed slice from the start of the corpus)")
     batch_size: int = _f(8, "batch size")
     allow_pickle: bool = _f(False, "allow loading pickled checkpoints (trusted files only)")
+
+
+def field_choices(f: dataclasses.Field) -> tuple | None:
+    """A field's allowed values; a callable is asked each time, so that a variant registered
+    after import (a registry entry) is a valid choice too."""
+    c = f.metadata.get("choices")
+    return tuple(c()) if callable(c) else c
 
 
 def _is_optional(tp: Any) -> bool:
@@ -139,7 +148,7 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, exclude:
         else:
             kw: dict[str, Any] = {}
             if "choices" in f.metadata:
-                kw["choices"] = f.metadata["choices"]
+                kw["choices"] = field_choices(f)
             parser.add_argument(flag, dest=f.name, type=tp, default=argparse.SUPPRESS, help=shown, **kw)
 
 
@@ -178,6 +187,10 @@ def build_args(cls: type, values: dict, source: str | Path | None = None) -> Any
         if k not in names:
             raise InputError(str(source or "arguments"), f"unknown option; known: {', '.join(sorted(names))}", line=_yaml_key_line(source, key), field=key)
         kwargs[k] = _coerce(val, hints[k], source, key)
+        allowed = field_choices(next(f for f in dataclasses.fields(cls) if f.name == k))
+        if allowed is not None and kwargs[k] is not None and kwargs[k] not in allowed:
+            raise InputError(str(source or "arguments"), f"{kwargs[k]!r} is not one of: {', '.join(map(str, allowed))}",
+                             line=_yaml_key_line(source, key), field=key)
     return cls(**kwargs)
 
 

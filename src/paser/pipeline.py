@@ -35,6 +35,8 @@ class PipelineConfig:
     pool_limit: int | None = None
     pool_seed: int | None = None  # seed of the pool_limit subset; default: the first seed, one pool for all seeds
     budgets: list = field(default_factory=lambda: ["0.1"])
+    # Each entry: a method name, or a variant {label: NAME, method: M, <select options>...,
+    # recover: {<recover options>}} (e.g. {label: paser-mass, method: paser, allocation: mass}).
     methods: list = field(default_factory=lambda: ["paser", "random", "uniform"])
     seeds: list = field(default_factory=lambda: [0])
     select: dict = field(default_factory=dict)  # further SelectArgs options
@@ -76,6 +78,9 @@ def load_pipeline_config(path: str | Path, out: str | None = None) -> PipelineCo
 
     build_args(PruneArgs, cfg.prune, source=path)
     build_args(EvaluateArgs, {k: v for k, v in cfg.evaluate.items() if k != "limits"}, source=path)
+    for e in method_entries(cfg, path):  # each variant's own options, with the sections' defaults
+        build_args(SelectArgs, {**cfg.select, **e.select, "method": e.method}, source=path)
+        build_args(RecoverArgs, {**cfg.recover, **e.recover}, source=path)
     return cfg
 
 
@@ -170,6 +175,8 @@ def run_pipeline(config_path: str | Path, out: str | None = None) -> str:
                     ppl_max_tokens=int(ev.get("ppl_tokens", 16384)),
                     batch_size=ev.get("batch_size"),
                     cache_dir=(Path(cfg.cache_dir) / "eval") if cfg.cache_dir else None,
+                    reference=ev.get("reference", cfg.original),
+                    heldout_split=ev.get("heldout_split", "test"),
                 )
                 res["limits"] = {t: limit for t in group}
                 if merged is None:
@@ -246,7 +253,7 @@ def run_pipeline(config_path: str | Path, out: str | None = None) -> str:
         label, method, budget, seed = p.label, p.method, p.budget, p.seed
         log.info("unit %d/%d: %s", k + 1, len(units), label)
         try:
-            row = archived(label, p.key, lambda: _run_unit(cfg, root, pruned_dir, prune_key, method, budget, seed, timed, evaluate))
+            row = archived(label, p.key, lambda: _run_unit(cfg, root, pruned_dir, prune_key, p.entry, budget, seed, timed, evaluate))
             selections[label] = row.pop("_selection")
             rows.append(row)
         except Exception as e:
@@ -264,14 +271,53 @@ def run_pipeline(config_path: str | Path, out: str | None = None) -> str:
 
 
 @dataclass(frozen=True)
+class MethodEntry:
+    """One entry of the config's `methods`: a selection method, or a named variant of one with
+    its own select and recover options (what the table calls it is `label`)."""
+
+    label: str
+    method: str
+    select: dict = field(default_factory=dict)
+    recover: dict = field(default_factory=dict)
+
+
+def method_entries(cfg: "PipelineConfig", source: str | Path | None = None) -> list[MethodEntry]:
+    from paser.select.registry import selection_methods
+
+    out = []
+    for m in cfg.methods:
+        if isinstance(m, str):
+            out.append(MethodEntry(m, m))
+            continue
+        if not isinstance(m, dict) or "method" not in m or "label" not in m:
+            raise InputError(str(source or "pipeline"), f"a methods entry is a method name or a mapping with label and method, got {m!r}",
+                             line=_yaml_key_line(source, "methods"), field="methods")
+        opts = {k: v for k, v in m.items() if k not in ("label", "method", "recover")}
+        rec = m.get("recover") or {}
+        if not isinstance(rec, dict):
+            raise InputError(str(source or "pipeline"), f"{m['label']}: recover must be a mapping of options", line=_yaml_key_line(source, "methods"), field="methods")
+        out.append(MethodEntry(str(m["label"]), str(m["method"]), opts, dict(rec)))
+    known = selection_methods()
+    labels = [e.label for e in out]
+    for e in out:
+        if e.method not in known:
+            raise InputError(str(source or "pipeline"), f"unknown selection method {e.method!r}; choose one of: {', '.join(known)}",
+                             line=_yaml_key_line(source, "methods"), field="methods")
+        if labels.count(e.label) > 1:
+            raise InputError(str(source or "pipeline"), f"two methods entries are labelled {e.label!r}", line=_yaml_key_line(source, "methods"), field="methods")
+    return out
+
+
+@dataclass(frozen=True)
 class PlannedRow:
     """One row of the experiment's table, in run order, with the key it is archived under."""
 
     label: str
-    method: str
+    method: str  # the entry's label: what the table's Method column shows
     budget: str | None
     seed: int | None
     key: dict
+    entry: MethodEntry | None = None
 
 
 def _prune_key(cfg: PipelineConfig) -> dict:
@@ -296,15 +342,15 @@ def plan_rows(cfg: PipelineConfig) -> list[PlannedRow]:
         plan.append(PlannedRow("dense", "dense (unpruned)", None, None, archive_key(kind="dense", original=cfg.original, evaluate=ev)))
     if cfg.include_unrecovered:
         plan.append(PlannedRow("unrecovered", "pruned, no recovery", None, None, archive_key(kind="unrecovered", prune=prune_key, evaluate=ev)))
-    units = [(str(b), m, int(s)) for s in cfg.seeds for b in cfg.budgets for m in cfg.methods if m != "full"]
-    if "full" in cfg.methods:
-        units.append((str(cfg.budgets[0]), "full", int(cfg.seeds[0])))
-    for budget, method, seed in units:
+    entries = method_entries(cfg)
+    units = [(str(b), e, int(s)) for s in cfg.seeds for b in cfg.budgets for e in entries if e.method != "full"]
+    units += [(str(cfg.budgets[0]), e, int(cfg.seeds[0])) for e in entries if e.method == "full"]
+    for budget, entry, seed in units:
         # The unit's key leaves out where this machine keeps the pruned model and its caches.
-        sel_opts, rec_opts = _unit_options(cfg, "", method, budget, seed)
+        sel_opts, rec_opts = _unit_options(cfg, "", entry, budget, seed)
         sel_key = {**{k: v for k, v in sel_opts.items() if k != "cache_dir"}, "pruned": prune_key}
         key = archive_key(kind="unit", select=sel_key, recover=rec_opts, evaluate=ev)
-        plan.append(PlannedRow(unit_label(method, budget, seed), method, budget, seed, key))
+        plan.append(PlannedRow(unit_label(entry.label, budget, seed), entry.label, budget, seed, key, entry))
     return plan
 
 
@@ -334,15 +380,19 @@ def archived_results(config_path: str | Path) -> dict | None:
             "archive": {"dir": str(archive.root), "reused": list(fingerprints), "pruned_fingerprints": fingerprints}}
 
 
-def _unit_options(cfg: PipelineConfig, pruned_dir: str, method: str, budget: str, seed: int) -> tuple[dict, dict]:
-    """The select and recover options of one unit (what its stage keys are made of)."""
+def _unit_options(cfg: PipelineConfig, pruned_dir: str, entry: MethodEntry, budget: str, seed: int) -> tuple[dict, dict]:
+    """The select and recover options of one unit (what its stage keys are made of).
+
+    A plain method name adds nothing to the config's sections, so the keys of units made
+    before variants existed are unchanged."""
     sel_opts = {
         **cfg.select,
+        **entry.select,
         "original": cfg.original,
         "pruned": pruned_dir,
         "data": cfg.data,
         "budget": budget,
-        "method": method,
+        "method": entry.method,
         "seed": seed,
         "limit": cfg.pool_limit,
         "cache_dir": cfg.cache_dir,
@@ -354,20 +404,24 @@ def _unit_options(cfg: PipelineConfig, pruned_dir: str, method: str, budget: str
     pool_seed = cfg.pool_seed if cfg.pool_seed is not None else int(cfg.seeds[0])
     if cfg.pool_limit is not None and pool_seed != seed:
         sel_opts["limit_seed"] = pool_seed
-    return sel_opts, {**cfg.recover, "seed": seed}
+    rec_opts = {**cfg.recover, **entry.recover, "seed": seed}
+    if rec_opts.get("objective", "sft") != "sft" and "teacher" not in rec_opts:
+        rec_opts["teacher"] = cfg.original  # distillation from the model that was pruned
+    return sel_opts, rec_opts
 
 
-def _run_unit(cfg: PipelineConfig, root: Path, pruned_dir: str, prune_key: dict, method: str, budget: str, seed: int, timed, evaluate) -> dict:
+def _run_unit(cfg: PipelineConfig, root: Path, pruned_dir: str, prune_key: dict, entry: MethodEntry, budget: str, seed: int, timed, evaluate) -> dict:
     from paser import api
     from paser.report.experiment import unit_label
 
-    sel_opts, rec_opts = _unit_options(cfg, pruned_dir, method, budget, seed)
-    label = unit_label(method, budget, seed)
+    sel_opts, rec_opts = _unit_options(cfg, pruned_dir, entry, budget, seed)
+    label, method = unit_label(entry.label, budget, seed), entry.label
     sel = Stage(root, "select", label, {**sel_opts, "pruned": prune_key})
     if not sel.done:
         timed("select", api.select, SelectArgs(**{k: v for k, v in sel_opts.items()}, out=str(sel.dir)))
         rep = json.loads((sel.dir / "report.json").read_text())
-        sel.finish({"selected": rep.get("selected"), "seconds": rep.get("timings_s", {}).get("total"), "tokens_scored": rep.get("scoring", {}).get("tokens")})
+        sel.finish({"selected": rep.get("selected"), "seconds": rep.get("timings_s", {}).get("total"), "tokens_scored": rep.get("scoring", {}).get("tokens"),
+                    "selected_tokens": rep.get("selected_tokens"), "budget_unit": rep.get("budget_unit")})
     sel_info = sel.info()
 
     rec = Stage(root, "recover", label, {"selection": sel.hash, **rec_opts, "pruned": prune_key})
@@ -386,7 +440,7 @@ def _run_unit(cfg: PipelineConfig, root: Path, pruned_dir: str, prune_key: dict,
         "recovery": rec.info(),
         "_selection": {
             "dir": str(sel.dir),
-            **{k: sel_info.get(k) for k in ("selected", "seconds", "tokens_scored")},
+            **{k: sel_info.get(k) for k in ("selected", "seconds", "tokens_scored", "selected_tokens", "budget_unit") if k in sel_info},
             "capabilities": _capability_counts(sel.dir / "selected.jsonl"),
         },
     }

@@ -31,6 +31,51 @@ def pool_path() -> Path:
     return DATA_DIR / "pool.jsonl.gz"
 
 
+def pool_subset_indices(n: int, limit: int | None, seed: int):
+    """The positions `--limit N` keeps of an n-record pool (seeded, in file order): the one rule
+    `paser select` uses, and the one the dev split below avoids."""
+    import numpy as np
+
+    if limit is None or limit >= n:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, size=limit, replace=False))
+
+
+# The seeded pools that paser's own experiments select from (benchmarks/recovery.py: 2,000
+# records, seed 0; configs/demo.yaml: 160, seed 0). The dev split takes none of their records.
+BENCHMARK_POOLS = ((2000, 0), (160, 0))
+DEV_PER_CAPABILITY = 100
+DEV_SEED = 20261203
+
+
+def dev_records():
+    """The dev split: held-out-style records for tuning options (tau, k, mix weights, lr).
+
+    Drawn (seeded, DEV_PER_CAPABILITY per capability) from the embedded pool's records that
+    are in none of BENCHMARK_POOLS; the 600 held-out records are never in the pool at all. So
+    tuning on these touches neither the training pools of the benchmarks nor the test set.
+    """
+    import numpy as np
+
+    from paser.io.records import load_records
+
+    pool = load_records(str(pool_path()))[0]
+    used: set[int] = set()
+    for limit, seed in BENCHMARK_POOLS:
+        used.update(int(i) for i in pool_subset_indices(len(pool), limit, seed))
+    free = [r for i, r in enumerate(pool) if i not in used]
+    by_cap: dict[str, list] = {}
+    for r in free:
+        by_cap.setdefault(str(r.extra.get("capability") or "general"), []).append(r)
+    rng = np.random.default_rng(DEV_SEED)
+    out = []
+    for cap in sorted(by_cap):
+        rs = by_cap[cap]
+        keep = np.sort(rng.choice(len(rs), size=min(DEV_PER_CAPABILITY, len(rs)), replace=False))
+        out += [rs[i] for i in keep]
+    return out
+
+
 def heldout_path() -> Path:
     """600 records from the same sources that are never in the pool: held-out response loss."""
     return DATA_DIR / "heldout.jsonl.gz"

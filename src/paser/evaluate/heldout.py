@@ -101,30 +101,24 @@ def summarise(capabilities: list[str], sums: np.ndarray, counts: np.ndarray) -> 
     return out
 
 
-def heldout_loss(
-    model,
-    tokenizer,
-    records=None,
-    *,
-    limit: int | None = None,
-    seed: int = 0,
-    template: str = "alpaca",
-    cutoff: int = 256,
-    batch_size: int = 8,
-    show_progress: bool = True,
-) -> dict:
-    """Held-out response loss per capability (`extra["capability"]`, else "general").
-
-    `records` defaults to the embedded held-out file; `limit` takes a seeded subset of that
-    many records per capability (the same records every run for the same seed and limit).
-    """
-    from paser.io.templates import encode_example
-
+def heldout_records(limit: int | None = None, seed: int = 0, split: str = "test", records=None) -> list[tuple[str, object]]:
+    """(capability, record) pairs: the embedded held-out records ("test", the 600 never in the
+    pool) or the dev split ("dev", `paser.data.dev_records`), or the given records; `limit`
+    takes a seeded subset of that many per capability (the same records every run)."""
     if records is None:
-        from paser.data import heldout_path
-        from paser.io.records import load_records
+        if split == "dev":
+            from paser.data import dev_records
 
-        records = load_records(str(heldout_path()))[0]
+            records = dev_records()
+        elif split == "test":
+            from paser.data import heldout_path
+            from paser.io.records import load_records
+
+            records = load_records(str(heldout_path()))[0]
+        else:
+            from paser.errors import PaserError
+
+            raise PaserError(f"unknown held-out split {split!r}; choose test or dev")
     by_cap: dict[str, list] = defaultdict(list)
     for r in records:
         by_cap[str(r.extra.get("capability") or "general")].append(r)
@@ -132,6 +126,30 @@ def heldout_loss(
     for cap in sorted(by_cap):
         rs = by_cap[cap]
         chosen += [(cap, rs[i]) for i in subset_indices(len(rs), limit, seed)]
+    return chosen
+
+
+def heldout_loss(
+    model,
+    tokenizer,
+    records=None,
+    *,
+    limit: int | None = None,
+    seed: int = 0,
+    split: str = "test",
+    template: str = "alpaca",
+    cutoff: int = 256,
+    batch_size: int = 8,
+    show_progress: bool = True,
+) -> dict:
+    """Held-out response loss per capability (`extra["capability"]`, else "general").
+
+    `records` defaults to the embedded held-out file (split "test") or the dev split ("dev");
+    `limit` takes a seeded subset of that many records per capability.
+    """
+    from paser.io.templates import encode_example
+
+    chosen = heldout_records(limit, seed, split, records)
     enc = [encode_example(r, tokenizer, template=template, cutoff=cutoff) for _, r in chosen]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     sums, counts = response_nll_sums(
@@ -142,8 +160,62 @@ def heldout_loss(
         "capabilities": summarise([c for c, _ in chosen], sums, counts),
         "template": template,
         "cutoff": cutoff,
+        "split": split,
         "record_ids": [r.id for _, r in chosen],
         # Per record, aligned with record_ids: what paired comparisons between models use.
         "record_capabilities": [c for c, _ in chosen],
         "record_loss": [None if math.isnan(x) else float(x) for x in per_record],
+    }
+
+
+JSD_PROTOCOL = "heldout-jsd-v1:score_degradation:mean-over-records"
+
+
+def heldout_jsd(
+    model,
+    reference,
+    *,
+    limit: int | None = None,
+    seed: int = 0,
+    split: str = "test",
+    template: str = "alpaca",
+    cutoff: int = 256,
+    cache_dir=None,
+    show_progress: bool = True,
+) -> dict:
+    """How far the model's next-token distributions are from the original model's on the
+    held-out responses: per record the mean over response tokens of JSD(P_reference ‖ P_model)
+    (full vocabulary, natural log, in [0, ln 2]), per capability the mean over records ± SE.
+
+    Held-out loss rewards moving toward the data's answers, which can overshoot the original
+    (full-data SFT ended below the dense model's loss on math); this measures recovery toward
+    the model that was pruned. It is PASER's own degradation score, computed by the scoring
+    engine (`paser.score.engine.score_degradation`) with `reference` as the original, so the
+    reference's hidden states are cached once and every further model costs one forward.
+    model, reference: objects with .model, .tokenizer, .fingerprint, .name (LoadedModel,
+    EvalModel).
+    """
+    from paser.score.engine import score_degradation
+
+    chosen = heldout_records(limit, seed, split)
+    recs = [r for _, r in chosen]
+    scores = score_degradation(reference, model, recs, template=template, cutoff=cutoff, cache_dir=cache_dir, progress=show_progress)
+    caps = [c for c, _ in chosen]
+    jsd = np.asarray(scores.jsd, dtype=np.float64)
+    groups: dict[str, list[int]] = defaultdict(list)
+    for i, c in enumerate(caps):
+        groups[c].append(i)
+    out_caps = {}
+    for cap, idx in {**{c: groups[c] for c in sorted(groups)}, "all": list(range(len(caps)))}.items():
+        mu, se = mean_and_stderr(jsd[idx])
+        out_caps[cap] = {"jsd": mu, "jsd_stderr": se, "n": len(idx)}
+    return {
+        "capabilities": out_caps,
+        "template": template,
+        "cutoff": cutoff,
+        "split": split,
+        "reference": {"name": reference.name, "fingerprint": reference.fingerprint},
+        "record_ids": [r.id for r in recs],
+        "record_capabilities": caps,
+        "record_jsd": [float(x) for x in jsd],
     }

@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 
 PPL_TASKS = ("wikitext2", "ptb")
 HELDOUT_TASK = "heldout"
+HELDOUT_JSD_TASK = "heldout_jsd"  # JSD to the original model on the held-out responses
+HELDOUT_TASKS = (HELDOUT_TASK, HELDOUT_JSD_TASK)
 
 
 def _commonsense() -> tuple[str, ...]:
@@ -35,7 +37,7 @@ def _commonsense() -> tuple[str, ...]:
     return tuple(COMMONSENSE_TASKS)
 
 
-VALID_TASKS: tuple[str, ...] = PPL_TASKS + (HELDOUT_TASK,) + _commonsense()
+VALID_TASKS: tuple[str, ...] = PPL_TASKS + HELDOUT_TASKS + _commonsense()
 SHORTHANDS: dict[str, tuple[str, ...]] = {
     "all": VALID_TASKS,
     "commonsense": _commonsense(),
@@ -158,20 +160,42 @@ def _default_batch_size(device: torch.device) -> int:
     return 32 if device.type == "cuda" else 8
 
 
-def task_protocol(task: str, *, limit, seed, ppl_window, ppl_max_tokens, heldout_template="alpaca", heldout_cutoff=256) -> dict:
+def task_protocol(task: str, *, limit, seed, ppl_window, ppl_max_tokens, heldout_template="alpaca", heldout_cutoff=256,
+                  split: str = "test", reference: str | None = None) -> dict:
     """Everything besides the model that decides a task's numbers (the cache key's payload)."""
     from paser.evaluate import heldout, zeroshot
 
     if task in PPL_TASKS:
         return {"task": task, "protocol": "ppl-v1:non-overlapping-windows", "window": ppl_window, "max_tokens": ppl_max_tokens}
-    if task == HELDOUT_TASK:
-        return {"task": task, "protocol": heldout.PROTOCOL, "limit": limit, "seed": seed,
-                "template": heldout_template, "cutoff": heldout_cutoff}
+    if task in HELDOUT_TASKS:
+        proto = {"task": task, "protocol": heldout.PROTOCOL if task == HELDOUT_TASK else heldout.JSD_PROTOCOL,
+                 "limit": limit, "seed": seed, "template": heldout_template, "cutoff": heldout_cutoff}
+        if split != "test":  # named only when not the default, so earlier cache keys stand
+            proto["split"] = split
+        if task == HELDOUT_JSD_TASK:
+            proto["reference"] = reference
+        return proto
     return {"task": task, "protocol": zeroshot.PROTOCOL, "limit": limit, "seed": seed}
 
 
-def run_task(em: EvalModel, task: str, *, limit, seed, ppl_window, ppl_max_tokens, batch_size, show_progress=True) -> dict:
-    """Compute one task's result dict (no caching)."""
+_REFERENCES: dict[str, object] = {}  # reference models of heldout_jsd, loaded once per process
+
+
+def _reference_model(spec):
+    """The original model that heldout_jsd measures against (a LoadedModel, or loaded by spec once)."""
+    from paser.io.models import load_model
+
+    if not isinstance(spec, (str, os.PathLike)):
+        return spec
+    if str(spec) not in _REFERENCES:
+        _REFERENCES.clear()  # one at a time: a 135M model is 0.5 GB
+        _REFERENCES[str(spec)] = load_model(str(spec))
+    return _REFERENCES[str(spec)]
+
+
+def run_task(em: EvalModel, task: str, *, limit, seed, ppl_window, ppl_max_tokens, batch_size, show_progress=True,
+             split: str = "test", reference=None, cache_dir=None) -> dict:
+    """Compute one task's result dict (no caching of the result itself)."""
     from paser.evaluate import heldout, zeroshot
     from paser.evaluate.perplexity import corpus_perplexity
 
@@ -180,7 +204,13 @@ def run_task(em: EvalModel, task: str, *, limit, seed, ppl_window, ppl_max_token
                               batch_size=max(1, batch_size // 2), show_progress=show_progress)
         return r.to_dict()
     if task == HELDOUT_TASK:
-        return heldout.heldout_loss(em.model, em.tokenizer, limit=limit, seed=seed, batch_size=batch_size, show_progress=show_progress)
+        return heldout.heldout_loss(em.model, em.tokenizer, limit=limit, seed=seed, split=split, batch_size=batch_size,
+                                    show_progress=show_progress)
+    if task == HELDOUT_JSD_TASK:
+        if reference is None:
+            raise PaserError("heldout_jsd needs the original model to compare with (--reference MODEL)")
+        return heldout.heldout_jsd(em, _reference_model(reference), limit=limit, seed=seed, split=split,
+                                   cache_dir=cache_dir, show_progress=show_progress)
     r = zeroshot.evaluate_task(em.model, em.tokenizer, task, limit=limit, seed=seed, batch_size=batch_size, show_progress=show_progress)
     # with the per-item log-likelihoods ("items"), which paired comparisons between models use
     return r.to_dict(with_items=True)
@@ -202,6 +232,8 @@ def summarise(results: dict[str, dict]) -> dict:
             out[f"{t}_ppl"] = results[t]["ppl"]
     if HELDOUT_TASK in results:
         out["heldout_loss"] = {c: v["loss"] for c, v in results[HELDOUT_TASK]["capabilities"].items()}
+    if HELDOUT_JSD_TASK in results:
+        out["heldout_jsd"] = {c: v["jsd"] for c, v in results[HELDOUT_JSD_TASK]["capabilities"].items()}
     return out
 
 
@@ -220,6 +252,8 @@ def evaluate_model(
     use_cache: bool = True,
     show_progress: bool = True,
     allow_pickle: bool = False,
+    reference: str | None = "smollm2-135m",
+    heldout_split: str = "test",
 ) -> dict:
     """Evaluate one model on `tasks` (names from VALID_TASKS or SHORTHANDS) and write the results JSON.
 
@@ -227,6 +261,9 @@ def evaluate_model(
     adapter directory, a `paser.io.models.LoadedModel` or an `EvalModel`; `adapter` applies a
     PEFT adapter on top. `limit` (per task; per capability for heldout) takes a seeded subset;
     perplexity always uses the first `ppl_max_tokens` tokens in windows of `ppl_window`.
+    `reference`: the original model that `heldout_jsd` measures against (a spec or a
+    LoadedModel); `heldout_split`: "test" (the 600 held-out records) or "dev" (the dev split,
+    for tuning options) for both held-out tasks.
     Returns the dict written to `out_path` (atomically; None writes nothing).
     """
     from paser.io.cache import atomic_write_json, default_cache_dir, stable_hash
@@ -244,7 +281,9 @@ def evaluate_model(
 
     results: dict[str, dict] = {}
     for task in names:
-        proto = task_protocol(task, limit=limit, seed=seed, ppl_window=ppl_window, ppl_max_tokens=ppl_max_tokens)
+        ref_name = reference if isinstance(reference, (str, os.PathLike)) or reference is None else reference.fingerprint
+        proto = task_protocol(task, limit=limit, seed=seed, ppl_window=ppl_window, ppl_max_tokens=ppl_max_tokens,
+                              split=heldout_split, reference=None if ref_name is None else str(ref_name))
         cpath = cache_root / em.fingerprint / f"{task}-{stable_hash(proto)}.json"
         if use_cache and cpath.exists():
             try:
@@ -256,7 +295,8 @@ def evaluate_model(
                 log.warning("%s: unreadable cache entry %s; recomputing", task, cpath)
         t0 = time.time()
         res = run_task(em, task, limit=limit, seed=seed, ppl_window=ppl_window, ppl_max_tokens=ppl_max_tokens,
-                       batch_size=bs, show_progress=show_progress)
+                       batch_size=bs, show_progress=show_progress, split=heldout_split, reference=reference,
+                       cache_dir=cache_root.parent if cache_dir is None else cache_root)
         secs = time.time() - t0
         if use_cache:
             atomic_write_json(cpath, {"key": proto, "fingerprint": em.fingerprint, "result": res, "seconds": secs})
@@ -299,6 +339,9 @@ def format_results(results: dict) -> str:
         elif task == HELDOUT_TASK:
             caps = ", ".join(f"{c} {v['loss']:.3f}±{v['loss_stderr']:.3f}" for c, v in r["capabilities"].items())
             lines.append(f"  {task:<14} response loss (nats): {caps}")
+        elif task == HELDOUT_JSD_TASK:
+            caps = ", ".join(f"{c} {v['jsd']:.4f}±{v['jsd_stderr']:.4f}" for c, v in r["capabilities"].items())
+            lines.append(f"  {task:<14} JSD to {r['reference']['name']}: {caps}")
         else:
             lines.append(
                 f"  {task:<14} acc {r['acc']:.3f}±{r['acc_stderr']:.3f}  acc_norm {r['acc_norm']:.3f}±{r['acc_norm_stderr']:.3f}  (n={r['n']})"

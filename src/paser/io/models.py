@@ -269,3 +269,23 @@ def check_same_tokenizer(tok_a, tok_b, name_a: str = "original", name_b: str = "
             f"({len(va)} vs {len(vb)} tokens; {only_a} only in {name_a}, {only_b} only in {name_b}). "
             "PASER needs the pruned model to keep the original's tokenizer."
         )
+
+
+def load_tokenizer(model: str, *, trust_remote_code: bool = False, cache_dir: Path | None = None):
+    """The tokenizer of a model argument (embedded name, directory, GGUF file, hub id) without
+    its weights: what counting a token budget needs."""
+    from transformers import AutoTokenizer
+
+    p = Path(model).expanduser()
+    if p.is_file() and p.suffix == ".gguf":
+        return AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
+    if p.is_file():
+        return load_model(model, allow_pickle=False).tokenizer  # a pickle: refused unless allowed
+    path, _ = resolve_model_path(model, cache_dir)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"cannot load the tokenizer of '{model}': {e}") from None
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok

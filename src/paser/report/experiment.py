@@ -29,9 +29,10 @@ def _metric(results: dict | None, task: str, key: str) -> tuple[float, float] | 
     r = task_results(results).get(task)
     if r is None:
         return None
-    if task == "heldout":
+    if task in ("heldout", "heldout_jsd"):
+        value = "loss" if task == "heldout" else "jsd"
         cap = r.get("capabilities", {}).get(key)
-        return (cap["loss"], cap.get("loss_stderr", float("nan"))) if cap else None
+        return (cap[value], cap.get(f"{value}_stderr", float("nan"))) if cap else None
     if key == "ppl":
         return r["ppl"], float("nan")
     return r[key], r.get(f"{key}_stderr", float("nan"))
@@ -48,20 +49,22 @@ def _agg(values: list[tuple[float, float]]) -> tuple[float, float, int]:
 def _columns(rows: list[dict]) -> list[tuple[str, str, str, float]]:
     """(label, task, key, scale) for every metric some row has."""
     present: set[str] = set()
-    caps: list[str] = []
+    caps: dict[str, list[str]] = {"heldout": [], "heldout_jsd": []}
     for row in rows:
         res = task_results(row.get("results"))
         present |= set(res)
-        if "heldout" in res:
-            for c in res["heldout"].get("capabilities", {}):
-                if c not in caps:
-                    caps.append(c)
+        for task, seen in caps.items():
+            for c in (res.get(task) or {}).get("capabilities", {}):
+                if c not in seen:
+                    seen.append(c)
     cols = []
     for t, lab in (("wikitext2", "WikiText-2 PPL"), ("ptb", "PTB PPL")):
         if t in present:
             cols.append((lab, t, "ppl", 1.0))
-    for c in caps:
+    for c in caps["heldout"]:
         cols.append((f"held-out loss {c}", "heldout", c, 1.0))
+    for c in caps["heldout_jsd"]:
+        cols.append((f"held-out JSD {c}", "heldout_jsd", c, 1.0))
     for t, lab in TASK_LABELS.items():
         if t in present:
             cols.append((lab, t, "acc", 100.0))
@@ -88,7 +91,7 @@ def build_table(rows: list[dict], cols: list[tuple[str, str, str, float]] | None
             continue
         for _, task, key, sc in cols:
             vals = [m for m in (_metric(r["results"], task, key) for r in ok) if m is not None]
-            cells.append(_fmt(_agg(vals), sc) if vals else "-")
+            cells.append(_fmt(_agg(vals), sc, task) if vals else "-")
         if mean_tasks:
             per = [[_metric(r["results"], t, mean_key) for t in mean_tasks] for r in ok]
             if any(m is None for p in per for m in p):
@@ -109,8 +112,10 @@ def choice_logprob_columns(rows: list[dict]) -> list[tuple[str, str, str, float]
     return [(lab, t, "gold_choice_logprob", 1.0) for lab, t, key, _ in _columns(rows) if key == "acc"]
 
 
-def _fmt(v: tuple[float, float, int], scale: float) -> str:
+def _fmt(v: tuple[float, float, int], scale: float, task: str = "") -> str:
     mean, err, _ = v
+    if task == "heldout_jsd":  # values ~0.1 that differ by thousandths: 4 digits
+        return f"{mean:.4f}" + (f" ± {err:.4f}" if not math.isnan(err) else "")
     if scale == 1.0 and mean > 20:
         s = f"{mean:.1f}"
         return s + (f" ± {err:.1f}" if not math.isnan(err) else "")

@@ -22,7 +22,7 @@ from typing import Hashable
 
 import numpy as np
 
-from paser.evaluate.runner import HELDOUT_TASK, PPL_TASKS
+from paser.evaluate.runner import HELDOUT_JSD_TASK, HELDOUT_TASK, PPL_TASKS
 from paser.evaluate.zeroshot import choice_metrics, mean_and_stderr
 
 
@@ -34,7 +34,8 @@ def task_results(results: dict | None) -> dict[str, dict]:
 def unit_values(results: dict | None, task: str, key: str) -> dict[Hashable, float] | None:
     """{unit id: value} for one task of one evaluation result, or None when not recorded.
 
-    key: "nll" for perplexity tasks; a capability name (or "all") for "heldout"; a per-item
+    key: "nll" for perplexity tasks; a capability name (or "all") for "heldout" and
+    "heldout_jsd"; a per-item
     metric of `paser.evaluate.zeroshot.item_metrics` ("acc", "gold_choice_logprob", ...) for
     a multiple-choice task.
     """
@@ -44,8 +45,9 @@ def unit_values(results: dict | None, task: str, key: str) -> dict[Hashable, flo
     if task in PPL_TASKS:
         w = r.get("window_nll")
         return {i: float(x) for i, x in enumerate(w)} if w else None
-    if task == HELDOUT_TASK:
-        ids, losses, caps = r.get("record_ids"), r.get("record_loss"), r.get("record_capabilities")
+    if task in (HELDOUT_TASK, HELDOUT_JSD_TASK):
+        values = "record_loss" if task == HELDOUT_TASK else "record_jsd"
+        ids, losses, caps = r.get("record_ids"), r.get(values), r.get("record_capabilities")
         if not ids or losses is None or caps is None:
             return None
         return {i: float(x) for i, x, c in zip(ids, losses, caps) if x is not None and (key == "all" or c == key)}
@@ -97,10 +99,11 @@ def paired_columns(rows: list[dict]) -> list[tuple[str, str, str]]:
     for t, lab in (("wikitext2", "Δ WikiText-2 NLL"), ("ptb", "Δ PTB NLL")):
         if t in present and present[t].get("window_nll"):
             cols.append((lab, t, "nll"))
-    h = present.get(HELDOUT_TASK)
-    if h and h.get("record_capabilities"):
-        for c in [*dict.fromkeys(h["record_capabilities"]), "all"]:
-            cols.append((f"Δ held-out loss {c}", HELDOUT_TASK, c))
+    for task, lab in ((HELDOUT_TASK, "Δ held-out loss"), (HELDOUT_JSD_TASK, "Δ held-out JSD")):
+        h = present.get(task)
+        if h and h.get("record_capabilities"):
+            for c in [*dict.fromkeys(h["record_capabilities"]), "all"]:
+                cols.append((f"{lab} {c}", task, c))
     return cols
 
 
@@ -129,7 +132,7 @@ def paired_table(rows: list[dict], reference: str) -> tuple[list[str], list[list
         cells = [method, "-" if budget is None else str(budget), reference]
         for _, task, key in cols:
             d = paired_difference(res, ref, task, key)
-            cells.append(_fmt(d) if d else "-")
+            cells.append(_fmt(d, 4 if task == HELDOUT_JSD_TASK else 3) if d else "-")
         if cs_tasks:
             ds = [paired_difference(res, ref, t, "gold_choice_logprob") for t in cs_tasks]
             ds = [d for d in ds if d]
@@ -138,6 +141,7 @@ def paired_table(rows: list[dict], reference: str) -> tuple[list[str], list[list
     return (header, body) if body else None
 
 
-def _fmt(d: tuple[float, float, int]) -> str:
+def _fmt(d: tuple[float, float, int], digits: int = 3) -> str:
+    # JSD differences between recovered models are a few thousandths: they get 4 digits.
     mu, se, _ = d
-    return f"{mu:+.3f} ± {se:.3f}" if not math.isnan(se) else f"{mu:+.3f}"
+    return f"{mu:+.{digits}f} ± {se:.{digits}f}" if not math.isnan(se) else f"{mu:+.{digits}f}"

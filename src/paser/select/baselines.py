@@ -9,26 +9,30 @@ from __future__ import annotations
 
 import numpy as np
 
-from paser.select.budget import allocate_budget, select_with_budget
+from paser.select.budget import allocate_budget, fill_in_order, select_with_budget
 
 
-def random_selection(n: int, budget: int, seed: int) -> np.ndarray:
-    """B indices drawn uniformly without replacement (seeded)."""
+def random_selection(n: int, budget: int, seed: int, cost: np.ndarray | None = None) -> np.ndarray:
+    """B indices drawn uniformly without replacement (seeded); with ``cost`` (a token budget),
+    records in a seeded random order until the budget is full."""
     rng = np.random.default_rng(seed)
-    return np.sort(rng.choice(n, size=min(budget, n), replace=False))
+    if cost is None:
+        return np.sort(rng.choice(n, size=min(budget, n), replace=False))
+    return fill_in_order(rng.permutation(n), cost, budget)
 
 
-def uniform_selection(labels: np.ndarray, budget: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def uniform_selection(labels: np.ndarray, budget: int, seed: int, cost: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The same clusters as PASER, an equal share each (capped, the rest passed on), random within.
 
     This is PASER without capability-degradation awareness: it isolates what CDAIS adds.
-    Returns (selected indices, n_k).
+    ``cost``: per-record cost of a token budget (shares are then tokens). Returns (selected
+    indices, n_k in the budget's unit).
     """
     k = int(labels.max()) + 1
-    sizes = np.bincount(labels, minlength=k)
+    sizes = np.bincount(labels, weights=cost, minlength=k).astype(np.int64) if cost is not None else np.bincount(labels, minlength=k)
     n_k = allocate_budget(np.ones(k), sizes, budget)
     priority = np.random.default_rng(seed).random(len(labels))
-    out = select_with_budget(labels, priority, n_k, None, cds=np.ones(k))
+    out = select_with_budget(labels, priority, n_k, None, cds=np.ones(k), cost=cost)
     return np.array(sorted(out.selected), dtype=np.int64), n_k
 
 
@@ -37,7 +41,7 @@ def ifd_scores(loss_conditioned: np.ndarray, loss_unconditioned: np.ndarray) -> 
     return loss_conditioned / np.maximum(loss_unconditioned, 1e-8)
 
 
-def ifd_selection(ifd: np.ndarray, budget: int) -> np.ndarray:
+def ifd_selection(ifd: np.ndarray, budget: int, cost: np.ndarray | None = None) -> np.ndarray:
     """Highest IFD first, among samples with IFD < 1.
 
     IFD ≥ 1 means the instruction does not help the model predict the response at all; the
@@ -48,6 +52,8 @@ def ifd_selection(ifd: np.ndarray, budget: int) -> np.ndarray:
     valid = ifd < 1.0
     # sort key: valid first, then IFD descending, then index (deterministic)
     order = np.lexsort((np.arange(n), -ifd, ~valid))
+    if cost is not None:
+        return fill_in_order(order, cost, budget)
     return np.sort(order[: min(budget, n)])
 
 
@@ -96,10 +102,13 @@ def instruction_mining_scores(indicators: dict[str, np.ndarray]) -> np.ndarray:
     return -pred
 
 
-def top_b(scores: np.ndarray, budget: int) -> np.ndarray:
-    """Indices of the B highest scores (ties to the smaller index), sorted."""
+def top_b(scores: np.ndarray, budget: int, cost: np.ndarray | None = None) -> np.ndarray:
+    """Indices of the B highest scores (ties to the smaller index), sorted; with ``cost``, the
+    highest scores that fit a token budget of B."""
     n = len(scores)
     order = np.lexsort((np.arange(n), -np.asarray(scores, dtype=np.float64)))
+    if cost is not None:
+        return fill_in_order(order, cost, budget)
     return np.sort(order[: min(budget, n)])
 
 

@@ -18,12 +18,14 @@ smaller cluster index (or smaller sample index).
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
 from paser.errors import PaserError
+from paser.select.registry import ALLOCATION_RULES, register_rule
 
 # Per-sample decision codes written by select_with_budget.
 SELECTED = "selected"
@@ -40,8 +42,62 @@ class BudgetError(PaserError, ValueError):
 # ----------------------------------------------------------------------------- budget
 
 
-def resolve_budget(budget: float | int | str, pool_size: int) -> int:
-    """The number of samples B to select from a pool of ``pool_size``.
+RECORDS = "records"
+TOKENS = "tokens"
+_TOKEN_BUDGET = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKmM]?)\s*tok(?:en)?s?\s*$")
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What a user's budget argument means: ``amount`` of ``unit`` (records or tokens).
+
+    A token budget counts the response tokens recovery trains on in one pass over the data
+    (the tokens that carry loss: same template, cutoff and response mask as ``paser recover``).
+    Users pay for training tokens; a record budget rewards whoever picks short records.
+    """
+
+    unit: str
+    raw: str
+
+    @property
+    def is_tokens(self) -> bool:
+        return self.unit == TOKENS
+
+
+def parse_budget(budget: float | int | str) -> Budget:
+    """Classify a budget argument; token budgets are "32000tok", "32k tokens", "1.5Mtok".
+
+    Record budgets are validated by :func:`resolve_budget`; token budgets here (a whole
+    number of tokens, at least one).
+    """
+    if isinstance(budget, str):
+        m = _TOKEN_BUDGET.match(budget.replace("_", "").replace(",", ""))
+        if m is not None:
+            value = float(m.group(1)) * {"": 1, "k": 1e3, "m": 1e6}[m.group(2).lower()]
+            if value < 1 or not float(value).is_integer():
+                raise BudgetError(f"a token budget must be a whole number of tokens >= 1, got {budget!r}")
+            return Budget(TOKENS, budget)
+        if "tok" in budget.lower():
+            raise BudgetError(f"budget {budget!r}: write a token budget as a whole number followed by 'tok', e.g. 32000tok or 32ktok")
+    return Budget(RECORDS, str(budget))
+
+
+def token_budget_amount(budget: str) -> int:
+    """The number of tokens of a token budget string (see :func:`parse_budget`)."""
+    m = _TOKEN_BUDGET.match(str(budget).replace("_", "").replace(",", ""))
+    if m is None:
+        raise BudgetError(f"{budget!r} is not a token budget (e.g. 32000tok)")
+    return int(float(m.group(1)) * {"": 1, "k": 1e3, "m": 1e6}[m.group(2).lower()])
+
+
+def resolve_budget(budget: float | int | str, pool_size: int, pool_tokens: int | None = None) -> int:
+    """B in the budget's unit: records for a record budget, tokens for a token budget.
+
+    A token budget ("32000tok") resolves to ``min(tokens, pool_tokens)`` (or the tokens
+    themselves when ``pool_tokens`` is not known, e.g. to validate a configuration).
+    For record budgets:
+
+    The number of samples B to select from a pool of ``pool_size``.
 
     ``budget`` is a fraction of the pool in (0, 1] (``0.1``, ``"0.1"``, ``"10%"``) or a count
     (``5000``, ``"5000"``, ``5000.0``). An int is always a count, so ``1`` means one sample
@@ -51,6 +107,9 @@ def resolve_budget(budget: float | int | str, pool_size: int) -> int:
     if isinstance(pool_size, bool) or not isinstance(pool_size, (int, np.integer)) or pool_size < 0:
         raise BudgetError(f"pool size must be a non-negative integer, got {pool_size!r}")
     pool_size = int(pool_size)
+    if parse_budget(budget).is_tokens:
+        tokens = token_budget_amount(budget)
+        return tokens if pool_tokens is None else min(tokens, int(pool_tokens))
     raw = budget
     if isinstance(budget, bool) or budget is None:
         raise BudgetError(f"budget must be a fraction in (0, 1] or a positive count, got {raw!r}")
@@ -159,6 +218,32 @@ def allocate_budget(cds: np.ndarray, sizes: np.ndarray, budget: int) -> np.ndarr
     return alloc
 
 
+# ----------------------------------------------------------------------------- allocation rules
+# Each rule turns per-cluster degradation (CDS_k) and size (|C_k|, in the budget's unit:
+# records, or response tokens under a token budget) into the weights that `allocate_budget`
+# shares the budget by. One entry per rule; `--allocation` lists them.
+
+
+@register_rule(ALLOCATION_RULES, "cds", "the paper's Eq. 6, n_k ∝ CDS_k: every cluster about the same share when damage is even, whatever its size")
+def cds_weights(cds: np.ndarray, sizes: np.ndarray, tau: float = 1.0) -> np.ndarray:
+    return np.asarray(cds, dtype=np.float64)
+
+
+@register_rule(ALLOCATION_RULES, "mass", "n_k ∝ |C_k|·CDS_k^τ: a cluster's share grows with its size (τ = 0: stratified by size; τ = 1: its total degradation)")
+def mass_weights(cds: np.ndarray, sizes: np.ndarray, tau: float = 1.0) -> np.ndarray:
+    # Eq. 6 gives a 535-record math cluster group the same share as a 60-record one when their
+    # CDS are close (the benchmark's 16 clusters had CDS 0.15-0.25), so large capabilities
+    # were starved; weighting by size keeps random's coverage and tilts it by degradation.
+    if tau < 0:
+        raise BudgetError(f"tau must be >= 0, got {tau}")
+    return np.asarray(sizes, dtype=np.float64) * np.power(np.asarray(cds, dtype=np.float64), tau)
+
+
+@register_rule(ALLOCATION_RULES, "equal", "the same share for every cluster (the uniform baseline's rule; a control)")
+def equal_weights(cds: np.ndarray, sizes: np.ndarray, tau: float = 1.0) -> np.ndarray:
+    return np.ones(len(np.asarray(cds)), dtype=np.float64)
+
+
 # ----------------------------------------------------------------------------- selection
 
 
@@ -228,22 +313,30 @@ def select_with_budget(
     cds: np.ndarray | None = None,
     cluster_order: Sequence[int] | None = None,
     priority: np.ndarray | None = None,
+    cost: np.ndarray | None = None,
 ) -> SelectionOutcome:
     """Fill every cluster's quota with its best candidates that the gate accepts.
 
     labels: cluster of each sample (ints in [0, K)). order: either a priority per sample
     (higher first, e.g. IES; ties to the smaller index) or a dict cluster -> indices, best
-    first. n_k: the quota per cluster (from :func:`allocate_budget`). accept(i) is called
-    exactly once per candidate considered, in order; True takes the sample, so a stateful
-    gate (NTM) should record an accepted sample when it returns True. cds: weights to pass
-    shortfalls on (default: n_k). cluster_order: the order clusters are filled in (default:
-    decreasing CDS, ties to the smaller index).
+    first. n_k: the quota per cluster (from :func:`allocate_budget`), in the budget's unit.
+    accept(i) is called exactly once per candidate considered, in order; True takes the
+    sample, so a stateful gate (NTM) should record an accepted sample when it returns True.
+    cds: weights to pass shortfalls on (default: n_k). cluster_order: the order clusters are
+    filled in (default: decreasing CDS, ties to the smaller index). cost: what each sample
+    costs of the budget (default 1 each: a record budget; response tokens for a token budget).
 
     The rule: clusters are filled in order; within a cluster, candidates are taken best first
     until its quota is accepted; a rejected candidate does not count. A cluster that runs out
     of candidates passes its shortfall on: the shortfall is re-allocated (same proportional
     rule, capped by remaining candidates) among the clusters that still have candidates, and
-    filling continues. So exactly ``min(sum n_k, N)`` samples come out.
+    filling continues. So exactly ``min(sum n_k, N)`` samples come out for a record budget.
+
+    With costs (a token budget) a candidate that does not fit its cluster's remaining quota
+    is passed over (first fit in rank order), and once every cluster is done what is left of
+    the whole budget is filled with the passed-over candidates, best first, that still fit.
+    So the selection never exceeds ``sum n_k`` and falls short of it only by less than the
+    cost of any candidate left out (none of them fits).
 
     Decision (documented, not in the paper): if the gate rejects so many that the budget still
     cannot be reached when every candidate has been tried, the rest is filled with the
@@ -265,6 +358,9 @@ def select_with_budget(
     weights = np.asarray(cds if cds is not None else quota, dtype=np.float64)
     if weights.shape != (k,):
         raise ValueError(f"cds must have one value per cluster ({k})")
+    costs = np.ones(n, dtype=np.int64) if cost is None else np.asarray(cost, dtype=np.int64)
+    if costs.shape != (n,) or (n and costs.min() < 1):
+        raise ValueError(f"cost must hold one positive integer per sample ({n})")
     if cluster_order is None:
         cluster_order = [int(c) for c in np.lexsort((np.arange(k), -weights))]
     else:
@@ -273,56 +369,87 @@ def select_with_budget(
             raise ValueError("cluster_order must be a permutation of the cluster indices")
 
     cands = _candidate_lists(labels, order, k)
-    target = min(int(quota.sum()), n)
+    target = min(int(quota.sum()), int(costs.sum()))
     quota_initial = quota.copy()
     ptr = np.zeros(k, dtype=np.int64)
+    used = np.zeros(k, dtype=np.int64)  # budget spent per cluster (= samples taken, for unit costs)
     n_acc = np.zeros(k, dtype=np.int64)
     n_rej = np.zeros(k, dtype=np.int64)
     lengths = np.array([len(c) for c in cands], dtype=np.int64)
+    # suffix sums of candidate costs: what each cluster could still spend from its pointer on
+    left_cost = [np.concatenate([np.cumsum(costs[np.asarray(c, dtype=np.int64)][::-1])[::-1], [0]]) if c else np.zeros(1, np.int64)
+                 for c in cands]
     decisions = np.full(n, OVER_BUDGET, dtype=object)
     selected: list[int] = []
     rejected: list[int] = []
+    passed_over: list[int] = []  # did not fit its cluster's remaining quota (cost budgets only)
+
+    def consider(i: int, c: int) -> None:
+        if accept is None or accept(i):
+            decisions[i] = SELECTED
+            selected.append(i)
+            n_acc[c] += 1
+            used[c] += costs[i]
+        else:
+            decisions[i] = NTM_CONFLICT
+            rejected.append(i)
+            n_rej[c] += 1
 
     while True:
         for c in cluster_order:
             lst = cands[c]
-            while n_acc[c] < quota[c] and ptr[c] < lengths[c]:
+            while used[c] < quota[c] and ptr[c] < lengths[c]:
                 i = lst[ptr[c]]
                 ptr[c] += 1
-                if accept is None or accept(i):
-                    decisions[i] = SELECTED
-                    selected.append(i)
-                    n_acc[c] += 1
-                else:
-                    decisions[i] = NTM_CONFLICT
-                    rejected.append(i)
-                    n_rej[c] += 1
-        shortfall = int((quota - n_acc).sum())
+                if costs[i] > quota[c] - used[c]:
+                    passed_over.append(i)
+                    continue
+                consider(i, c)
+        shortfall = int((quota - used).sum())
         has_more = ptr < lengths
         if shortfall <= 0 or not has_more.any():
             break
         # Clusters that ran dry keep what they got; the others share the shortfall.
-        quota = np.where(has_more, quota, n_acc)
-        room = np.where(has_more, lengths - ptr - (quota - n_acc), 0)
+        quota = np.where(has_more, quota, used)
+        could_spend = np.array([left_cost[c][ptr[c]] for c in range(k)], dtype=np.int64)
+        room = np.where(has_more, could_spend - (quota - used), 0)
         extra = allocate_budget(np.where(has_more, weights, 0.0), np.maximum(room, 0), shortfall)
         if extra.sum() == 0:
             break
         quota = quota + extra
 
+    spent = int(used.sum())
+    if passed_over and spent < target:
+        # What the clusters left of a cost budget: the passed-over candidates that still fit.
+        if priority is not None or not isinstance(order, Mapping):
+            pr = np.asarray(priority if priority is not None else order, dtype=np.float64)
+            po = np.asarray(passed_over)
+            passed_over = po[np.lexsort((po, -pr[po]))].tolist()
+        for i in passed_over:
+            if spent >= target:
+                break
+            if decisions[i] == OVER_BUDGET and costs[i] <= target - spent:
+                consider(int(i), int(labels[i]))
+                spent = int(used.sum())
+
     n_over = np.zeros(k, dtype=np.int64)
-    missing = target - len(selected)
-    if missing > 0 and rejected:
+    if spent < target and rejected:
         if priority is not None:
             pr = np.asarray(priority, dtype=np.float64)
             rej = np.asarray(rejected)
-            pick = rej[np.lexsort((rej, -pr[rej]))][:missing]
+            pick = rej[np.lexsort((rej, -pr[rej]))]
         else:
-            pick = np.asarray(rejected[:missing])
+            pick = np.asarray(rejected)
         for i in pick:
             i = int(i)
+            if spent >= target:
+                break
+            if costs[i] > target - spent:
+                continue
             decisions[i] = NTM_OVERRIDE
             selected.append(i)
             n_over[labels[i]] += 1
+            spent += int(costs[i])
 
     final = np.bincount(labels[np.asarray(selected, dtype=np.int64)], minlength=k) if selected else np.zeros(k, np.int64)
     return SelectionOutcome(
@@ -335,3 +462,22 @@ def select_with_budget(
         n_override=n_over,
         cluster_order=list(cluster_order),
     )
+
+
+def fill_in_order(order: np.ndarray, cost: np.ndarray, budget: int) -> np.ndarray:
+    """First fit: walk ``order`` and take every sample whose cost still fits ``budget``.
+
+    The selection of a cost budget for methods that rank the whole pool (random draws a
+    permutation; IFD and the quality rules rank by score): never over the budget, and short
+    of it by less than the cost of any sample left out. Returns the taken indices, sorted.
+    """
+    costs = np.asarray(cost, dtype=np.int64)
+    left = int(budget)
+    taken = []
+    for i in np.asarray(order, dtype=np.int64):
+        if left <= 0:
+            break
+        if costs[i] <= left:
+            taken.append(int(i))
+            left -= int(costs[i])
+    return np.sort(np.array(taken, dtype=np.int64))

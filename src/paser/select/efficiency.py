@@ -13,6 +13,8 @@ import math
 
 import numpy as np
 
+from paser.select.registry import RANKINGS, register_rule
+
 # log(C) must stay away from 0: C = 1 (a one-token sample) would divide by log 1 = 0, and a
 # C just above 1 would blow the score of a near-empty sample up far above every real sample.
 # With C >= e^2 the divisor is at least 2, so IES <= JSD / 2 <= ln 2 / 2. The floor only
@@ -68,3 +70,25 @@ def cluster_degradation(jsd: np.ndarray, labels: np.ndarray, k: int | None = Non
     sums = np.bincount(labels, weights=jsd, minlength=k)
     counts = np.bincount(labels, minlength=k)
     return np.divide(sums, counts, out=np.zeros(k, dtype=np.float64), where=counts > 0)
+
+
+# ----------------------------------------------------------------------------- rankings
+# The order in which a cluster's candidates are taken. Each takes (jsd, n_prompt, n_response)
+# and returns a priority (higher first). Under a token budget the budget itself charges each
+# record its response tokens, so the cost-aware choice there is `jsd` (degradation revealed
+# per token charged); `ies` divides by a cost a second time.
+
+
+@register_rule(RANKINGS, "ies", "the paper's Eq. 7, JSD_i / log((|x|+|y|)^2): prefers short records")
+def rank_ies(jsd: np.ndarray, n_prompt: np.ndarray, n_response: np.ndarray) -> np.ndarray:
+    return individual_efficiency(jsd, n_prompt, n_response)
+
+
+@register_rule(RANKINGS, "jsd", "token-mean JSD, no cost term: length-neutral (under a token budget, the degradation per token the budget charges)")
+def rank_jsd(jsd: np.ndarray, n_prompt: np.ndarray, n_response: np.ndarray) -> np.ndarray:
+    return np.asarray(jsd, dtype=np.float64)
+
+
+@register_rule(RANKINGS, "jsd-sum", "JSD summed over the response tokens, the reference code's direction: prefers long records")
+def rank_jsd_sum(jsd: np.ndarray, n_prompt: np.ndarray, n_response: np.ndarray) -> np.ndarray:
+    return np.asarray(jsd, dtype=np.float64) * np.asarray(n_response, dtype=np.float64)

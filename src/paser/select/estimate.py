@@ -90,7 +90,10 @@ def estimate_selection(args: SelectArgs, sample_size: int = 64, records: list | 
     from paser.score.divergence import token_jsd
     from paser.score.engine import encode_records, plan_batches
     from paser.select.budget import resolve_budget
-    from paser.select.run import NEEDS_EMBEDDINGS, NEEDS_PRUNED, load_selection_pool
+    from paser.select.registry import SELECTION_METHODS, get
+    from paser.select.run import load_selection_pool
+
+    spec = get(SELECTION_METHODS, args.method, "selection method")
 
     t_load = time.time()
     if records is None:
@@ -106,12 +109,12 @@ def estimate_selection(args: SelectArgs, sample_size: int = 64, records: list | 
     per_record = 0.0
     sequences = 0
 
-    if args.method in NEEDS_PRUNED:
+    if spec.needs_pruned:
         if models:
             scored = [m for m in (models.get("original"), models["pruned"]) if m is not None]
         else:
             scored = [load_model(args.pruned, allow_pickle=args.allow_pickle)]
-            if args.method == "paser":
+            if spec.needs_original:
                 scored.insert(0, load_model(args.original, allow_pickle=args.allow_pickle))
         seconds["load models"] = time.time() - t_load
         tok = scored[-1].tokenizer
@@ -122,7 +125,7 @@ def estimate_selection(args: SelectArgs, sample_size: int = 64, records: list | 
         pad_ratio = sum((e - s) * lengths[e - 1] for s, e in batches) / max(1, sum(lengths))
         tokens = int(per_record * n)
         padded = int(tokens * pad_ratio)
-        passes = {"paser": 1, "ifd": 2, "instruction_mining": 1, "nuggets": 9}[args.method]  # nuggets: 8 anchors + itself
+        passes = spec.scoring_passes  # per model scored; nuggets: 8 anchors + itself
         # the largest batch the real run will form, so the memory peak is representative
         s, e = max(batches, key=lambda b: (b[1] - b[0]) * lengths[b[1] - 1])
         by_len = sorted(items, key=lambda it: len(it.input_ids))[s:e]
@@ -136,7 +139,7 @@ def estimate_selection(args: SelectArgs, sample_size: int = 64, records: list | 
             tps[lm.name] = batch_tokens / secs
             logits.append(lg)
         score_s = sum(padded / v for v in tps.values()) * passes
-        if args.method == "paser":
+        if spec.needs_original:  # the JSD between the two models
             resp = [len(it.input_ids) - it.n_prompt for it in by_len]
             flat_p = torch.cat([logits[0][r, it.n_prompt - 1 : len(it.input_ids) - 1] for r, it in enumerate(by_len)])
             flat_q = torch.cat([logits[1][r, it.n_prompt - 1 : len(it.input_ids) - 1] for r, it in enumerate(by_len)])
@@ -147,9 +150,9 @@ def estimate_selection(args: SelectArgs, sample_size: int = 64, records: list | 
             score_s += jsd_per_token * tokens * resp_share
             tps["jsd"] = 1.0 / max(jsd_per_token, 1e-9)
         seconds["score"] = score_s
-        sequences = n * passes * len(scored) if args.method != "ifd" else 2 * n
+        sequences = n * passes * len(scored)
         del logits
-    if args.method in NEEDS_EMBEDDINGS:
+    if spec.needs_embeddings:
         from paser.select.embed import embed_texts, record_text
 
         texts = [record_text(r) for r in sample[:32]]
@@ -160,7 +163,7 @@ def estimate_selection(args: SelectArgs, sample_size: int = 64, records: list | 
         tps["embed records"] = rate
         seconds["embed"] = n / rate
         seconds["cluster"] = n * CLUSTER_SECONDS_PER_RECORD
-    peak = _rss_bytes() + (n * 384 * 4 * 6 if args.method in NEEDS_EMBEDDINGS else 0)  # embeddings, kNN graph, diffusion coords
+    peak = _rss_bytes() + (n * 384 * 4 * 6 if spec.needs_embeddings else 0)  # embeddings, kNN graph, diffusion coords
     return Estimate(
         method=args.method,
         pool_size=n,

@@ -23,9 +23,6 @@ from paser.io.records import Record, load_pool, write_jsonl
 
 log = logging.getLogger(__name__)
 
-NEEDS_CLUSTERS = {"paser", "uniform"}
-NEEDS_EMBEDDINGS = {"paser", "uniform", "instruction_mining", "nuggets"}
-NEEDS_PRUNED = {"paser", "ifd", "instruction_mining", "nuggets"}
 
 
 @dataclass
@@ -62,9 +59,9 @@ def load_selection_pool(args: SelectArgs) -> tuple[list[Record], list[dict]]:
     paths = args.data or [str(pool_path())]
     records, reports = load_pool(paths, skip_invalid=args.skip_invalid)
     if args.limit is not None and args.limit < len(records):
-        rng = np.random.default_rng(pool_seed(args))
-        keep = np.sort(rng.choice(len(records), size=args.limit, replace=False))
-        records = [records[i] for i in keep]
+        from paser.data import pool_subset_indices
+
+        records = [records[i] for i in pool_subset_indices(len(records), args.limit, pool_seed(args))]
     return records, [{"path": r.path, "kept": r.kept, "skipped": dict(r.skipped)} for r in reports]
 
 
@@ -77,25 +74,6 @@ def _distributed_state():
 
     # cpu=True selects gloo: without it accelerate ignores WORLD_SIZE on a machine with no GPU.
     return PartialState(cpu=not torch.cuda.is_available())
-
-
-def _score_share(args: SelectArgs, records: list[Record], cache: Path, rank: int, world_size: int) -> dict:
-    """Every rank scores its share of the pool into the shared cache (the expensive part).
-
-    The main process then reads the complete table from the cache and runs clustering and
-    selection once, so the result is the same as a single process's.
-    """
-    from paser.score.engine import score_degradation, score_loss
-
-    original, pruned = _load_models(args, need_original=args.method == "paser")
-    kw = dict(template=args.template, cutoff=args.cutoff, cache_dir=cache, max_batch_tokens=args.max_batch_tokens, rank=rank, world_size=world_size)
-    if args.method == "paser":
-        score_degradation(original, pruned, records, **kw)
-    elif args.method in ("ifd", "instruction_mining"):
-        score_loss(pruned, records, condition_on_prompt=True, **kw)
-        if args.method == "ifd":
-            score_loss(pruned, records, condition_on_prompt=False, **kw)
-    return {"original": original, "pruned": pruned}
 
 
 def _cache_dir(args: SelectArgs) -> Path:
@@ -115,9 +93,34 @@ def _load_models(args: SelectArgs, need_original: bool):
     return original, pruned
 
 
+def _tokenizer(args: SelectArgs, models: dict):
+    """The tokenizer that counts a token budget: the pruned model's (already loaded for the
+    methods that score), else the original's, loaded without its weights."""
+    for m in (models.get("pruned"), models.get("original")):
+        if m is not None:
+            return m.tokenizer
+    from paser.io.models import load_tokenizer
+
+    return load_tokenizer(args.pruned or args.original)
+
+
+def response_token_costs(records: list[Record], tokenizer, template: str, cutoff: int) -> np.ndarray:
+    """Each record's response tokens exactly as `paser recover` trains them (the labels that are
+    not masked: same template, cutoff and EOS as `paser.io.templates.encode_example`)."""
+    from paser.io.templates import encode_example
+
+    return np.array([max(1, encode_example(r, tokenizer, template, cutoff).n_response) for r in records], dtype=np.int64)
+
+
 def run_selection(args: SelectArgs) -> SelectionResult:
-    if args.method in NEEDS_PRUNED and not args.pruned:
+    from paser.select.budget import parse_budget, resolve_budget
+    from paser.select.methods import Context
+    from paser.select.registry import SELECTION_METHODS, get
+
+    spec = get(SELECTION_METHODS, args.method, "selection method")
+    if spec.needs_pruned and not args.pruned:
         raise PaserError(f"--method {args.method} needs --pruned MODEL (make one with `paser prune`)")
+    budget_spec = parse_budget(args.budget)  # a malformed budget fails before anything loads
     t_start = time.time()
     timings: dict[str, float] = {}
     out = Path(args.out)
@@ -127,24 +130,42 @@ def run_selection(args: SelectArgs) -> SelectionResult:
     t = time.time()
     records, load_reports = load_selection_pool(args)
     n = len(records)
-    from paser.select.budget import resolve_budget
-
-    budget = resolve_budget(args.budget, n)
+    if not budget_spec.is_tokens:
+        budget = resolve_budget(args.budget, n)
     timings["load"] = time.time() - t
-    log.info("pool: %d records, budget %d, method %s", n, budget, args.method)
 
     state = _distributed_state()
     models: dict = {}
-    if state is not None and args.method in ("paser", "ifd", "instruction_mining"):
+    if state is not None and spec.shares_scoring:
         t = time.time()
-        models = _score_share(args, records, cache, state.process_index, state.num_processes)
+        original, pruned = _load_models(args, need_original=spec.needs_original)
+        models = {"original": original, "pruned": pruned}
+        spec.score_share(args, records, models, cache, state.process_index, state.num_processes)
         timings["score_share"] = time.time() - t
         state.wait_for_everyone()
         if not state.is_main_process:
-            return SelectionResult(args.method, budget, n, [], out, {"rank": state.process_index, "timings_s": timings})
+            return SelectionResult(args.method, 0, n, [], out, {"rank": state.process_index, "timings_s": timings})
     elif state is not None and not state.is_main_process:
         state.wait_for_everyone()  # nothing to share for this method: the main process does it all
-        return SelectionResult(args.method, budget, n, [], out, {"rank": state.process_index})
+        return SelectionResult(args.method, 0, n, [], out, {"rank": state.process_index})
+
+    if spec.needs_pruned and not models:
+        t = time.time()
+        original, pruned = _load_models(args, need_original=spec.needs_original)
+        models = {"original": original, "pruned": pruned}
+        timings["load_models"] = time.time() - t
+
+    # Token budgets: every record's cost is its response tokens as recovery will train them.
+    # For a record budget the tokenizer only reports the selection's tokens, so it is taken
+    # only where it costs nothing extra (a loaded model, or a pruned model's directory).
+    tokenizer = _tokenizer(args, models) if (budget_spec.is_tokens or models or args.pruned) else None
+    cost = None
+    if budget_spec.is_tokens:
+        t = time.time()
+        cost = response_token_costs(records, tokenizer, args.template, args.cutoff)
+        budget = resolve_budget(args.budget, n, pool_tokens=int(cost.sum()))
+        timings["count_tokens"] = time.time() - t
+    log.info("pool: %d records, budget %d %s, method %s", n, budget, budget_spec.unit, args.method)
 
     table: dict[str, object] = {
         "id": [r.id for r in records],
@@ -154,6 +175,7 @@ def run_selection(args: SelectArgs) -> SelectionResult:
         "method": args.method,
         "budget": budget,
         "budget_arg": args.budget,
+        "budget_unit": budget_spec.unit,
         "pool_size": n,
         "seed": args.seed,
         "limit": args.limit,
@@ -162,66 +184,42 @@ def run_selection(args: SelectArgs) -> SelectionResult:
         "template": args.template,
         "cutoff": args.cutoff,
     }
+    if cost is not None:
+        report["pool_tokens"] = int(cost.sum())
 
-    if args.method in NEEDS_PRUNED and not models:
+    if models and args.estimate and state is None:  # before anything expensive runs
+        from paser.select.estimate import estimate_selection
+
         t = time.time()
-        original, pruned = _load_models(args, need_original=args.method == "paser")
-        models = {"original": original, "pruned": pruned}
-        timings["load_models"] = time.time() - t
-        if args.estimate:  # before anything expensive runs
-            from paser.select.estimate import estimate_selection
+        est = estimate_selection(args, records=records, models=models)
+        log.info("%s", est.summary())
+        report["estimate"] = est.to_dict()
+        timings["estimate"] = time.time() - t
 
-            t = time.time()
-            est = estimate_selection(args, records=records, models=models)
-            log.info("%s", est.summary())
-            report["estimate"] = est.to_dict()
-            timings["estimate"] = time.time() - t
-
-    embeddings = None
-    if args.method in NEEDS_EMBEDDINGS:
+    ctx = Context(args, records, budget, cost, cache, table=table, report=report, timings=timings,
+                  original=models.get("original"), pruned=models.get("pruned"))
+    if spec.needs_embeddings:
         from paser.select.embed import embed_records
 
         t = time.time()
-        embeddings = embed_records(records, cache_dir=cache)
+        ctx.embeddings = embed_records(records, cache_dir=cache)
         timings["embed"] = time.time() - t
 
-    clusters = None
-    if args.method in NEEDS_CLUSTERS:
+    if spec.needs_clusters:
         from paser.select.cluster import semantic_clusters
 
         t = time.time()
-        clusters = semantic_clusters(embeddings, k=args.k, k_min=args.k_min, k_max=args.k_max, seed=args.seed)
+        ctx.clusters = semantic_clusters(ctx.embeddings, k=args.k, k_min=args.k_min, k_max=args.k_max, seed=args.seed)
         timings["cluster"] = time.time() - t
-        table["cluster"] = clusters.labels
-        report["clusters"] = _cluster_report(clusters, records)
+        table["cluster"] = ctx.clusters.labels
+        report["clusters"] = _cluster_report(ctx.clusters, records)
 
-    decisions = None
-    if args.method == "full":
-        selected = np.arange(n)
-    elif args.method == "random":
-        from paser.select.baselines import random_selection
-
-        selected = random_selection(n, budget, args.seed)
-    elif args.method == "uniform":
-        from paser.select.baselines import uniform_selection
-
-        selected, n_k = uniform_selection(clusters.labels, budget, args.seed)
-        report["clusters"]["n_k"] = n_k.tolist()
-    else:
-        original, pruned = models["original"], models["pruned"]
-        report["models"] = {"pruned": {"spec": args.pruned, "fingerprint": pruned.fingerprint}}
-        if original is not None:
-            report["models"]["original"] = {"spec": args.original, "fingerprint": original.fingerprint}
-        if args.method == "paser":
-            selected, decisions = _run_paser(args, records, clusters, original, pruned, budget, cache, table, report, timings)
-        elif args.method == "ifd":
-            selected = _run_ifd(args, records, pruned, budget, cache, table, report, timings)
-        elif args.method == "instruction_mining":
-            selected = _run_instruction_mining(args, records, pruned, embeddings, budget, cache, table, report, timings)
-        elif args.method == "nuggets":
-            selected = _run_nuggets(args, records, pruned, embeddings, budget, cache, table, report, timings)
-        else:  # pragma: no cover - argparse restricts the choices
-            raise PaserError(f"unknown method {args.method!r}")
+    if models.get("pruned") is not None:
+        report["models"] = {"pruned": {"spec": args.pruned, "fingerprint": models["pruned"].fingerprint}}
+        if models.get("original") is not None:
+            report["models"]["original"] = {"spec": args.original, "fingerprint": models["original"].fingerprint}
+    selected, decisions = spec.run(ctx)
+    clusters = ctx.clusters
 
     if decisions is None:
         decisions = np.full(n, "over_budget", dtype=object)
@@ -229,9 +227,16 @@ def run_selection(args: SelectArgs) -> SelectionResult:
     table["decision"] = decisions
     table["reason"] = [_reason(d, args.method) for d in decisions]
 
-    chosen = [records[i] for i in sorted(int(i) for i in selected)]
-    if len(chosen) != min(budget, n) and args.method != "full":
-        raise PaserError(f"internal error: {len(chosen)} records selected for a budget of {budget}")
+    order = sorted(int(i) for i in selected)
+    chosen = [records[i] for i in order]
+    if args.method != "full":
+        if cost is None and len(chosen) != min(budget, n):
+            raise PaserError(f"internal error: {len(chosen)} records selected for a budget of {budget}")
+        if cost is not None and int(cost[order].sum()) > budget:
+            raise PaserError(f"internal error: {int(cost[order].sum())} tokens selected for a budget of {budget}")
+    if tokenizer is not None:
+        sel_cost = cost[order] if cost is not None else response_token_costs(chosen, tokenizer, args.template, args.cutoff)
+        report["selected_tokens"] = int(sel_cost.sum())  # response tokens of one pass, as recovery trains them
     write_jsonl(out / "selected.jsonl", (r.to_dict() for r in chosen))
     write_parquet_atomic(out / "scores.parquet", {k: (v if not isinstance(v, np.ndarray) else v) for k, v in table.items()})
 
@@ -249,7 +254,7 @@ def run_selection(args: SelectArgs) -> SelectionResult:
     timings["total"] = time.time() - t_start
     report.update(selected=len(chosen), timings_s=timings, environment=environment())
     atomic_write_json(out / "report.json", report)
-    if state is not None and args.method not in ("paser", "ifd", "instruction_mining"):
+    if state is not None and not spec.shares_scoring:
         state.wait_for_everyone()
     return SelectionResult(args.method, budget, n, [r.id for r in chosen], out, report)
 
@@ -297,137 +302,3 @@ def _cluster_report(clusters, records: list[Record]) -> dict:
         comp.append(dict(sorted(counts.items(), key=lambda kv: -kv[1])[:5]))
     rep["top_sources"] = comp
     return rep
-
-
-def _run_paser(args, records, clusters, original, pruned, budget, cache, table, report, timings):
-    from paser.score.engine import score_degradation
-    from paser.select.budget import allocate_budget, select_with_budget
-    from paser.select.concepts import DEFAULT_THRESHOLD, NTMGate, extract_concepts
-    from paser.select.efficiency import cluster_degradation, individual_efficiency
-
-    t = time.time()
-    scores = score_degradation(
-        original, pruned, records, template=args.template, cutoff=args.cutoff, cache_dir=cache, max_batch_tokens=args.max_batch_tokens
-    )
-    timings["score"] = time.time() - t
-    report["scoring"] = scores.stats.__dict__ if hasattr(scores.stats, "__dict__") else {}
-    jsd = np.asarray(scores.jsd, dtype=np.float64)
-    n_prompt, n_resp = np.asarray(scores.n_prompt), np.asarray(scores.n_response)
-
-    t = time.time()
-    labels, k = clusters.labels, clusters.k
-    cds = cluster_degradation(jsd, labels, k)
-    sizes = np.bincount(labels, minlength=k)
-    n_k = allocate_budget(cds, sizes, budget)
-    ies = individual_efficiency(jsd, n_prompt, n_resp)
-    timings["budget"] = time.time() - t
-
-    t = time.time()
-    gate = None
-    concepts = None
-    threshold = args.ntm_threshold if args.ntm_threshold is not None else DEFAULT_THRESHOLD
-    if args.ntm:
-        concepts = extract_concepts(records, max_phrases=args.ntm_max_phrases, multiword_only=args.ntm_multiword_only, progress=False)
-        gate = NTMGate(concepts, threshold=threshold)
-    outcome = select_with_budget(labels, ies, n_k, gate, cds=cds, priority=ies)
-    timings["ntm_select"] = time.time() - t
-
-    table.update(jsd=jsd, n_prompt=n_prompt, n_response=n_resp, cost=(n_prompt + n_resp).astype(np.float64) ** 2, ies=ies)
-    table["nll_pruned"] = np.asarray(scores.nll_pruned)
-    table["nll_original"] = np.asarray(scores.nll_original)
-    if concepts is not None:
-        table["concepts"] = [list(c) for c in concepts]
-    report["clusters"].update(
-        cds=cds.tolist(),
-        n_k=n_k.tolist(),
-        n_k_final=outcome.quota_final.tolist(),
-        selected=outcome.n_selected.tolist(),
-        rejected=outcome.n_rejected.tolist(),
-        fill_order=outcome.cluster_order,
-    )
-    report["jsd"] = {"mean": float(jsd.mean()), "min": float(jsd.min()), "max": float(jsd.max())}
-    report["ntm"] = {
-        "enabled": gate is not None,
-        "threshold": threshold,
-        "max_phrases": args.ntm_max_phrases,
-        "multiword_only": args.ntm_multiword_only,
-        "checked": gate.n_checked if gate else 0,
-        "rejected": gate.n_rejected if gate else 0,
-        "overrides": outcome.n_ntm_override,
-        "examples": [
-            {"id": records[i].id, "instruction": records[i].instruction[:120], "conflicting_pairs": pairs[:5]}
-            for i, pairs in list((gate.examples if gate else {}).items())[:10]
-        ],
-    }
-    report["decisions"] = outcome.counts()
-    selected = np.array(outcome.selected, dtype=np.int64)
-    return selected, outcome.decisions
-
-
-def _ifd_losses(args, records, pruned, cache):
-    from paser.score.engine import score_loss
-
-    kw = dict(template=args.template, cutoff=args.cutoff, cache_dir=cache, max_batch_tokens=args.max_batch_tokens)
-    cond = score_loss(pruned, records, condition_on_prompt=True, **kw)
-    uncond = score_loss(pruned, records, condition_on_prompt=False, **kw)
-    return np.asarray(cond.nll, dtype=np.float64), np.asarray(uncond.nll, dtype=np.float64), cond
-
-
-def _run_ifd(args, records, pruned, budget, cache, table, report, timings):
-    from paser.select.baselines import ifd_scores, ifd_selection
-
-    t = time.time()
-    cond, uncond, _ = _ifd_losses(args, records, pruned, cache)
-    timings["score"] = time.time() - t
-    ifd = ifd_scores(cond, uncond)
-    table.update(loss_conditioned=cond, loss_unconditioned=uncond, ifd=ifd)
-    report["ifd"] = {"mean": float(ifd.mean()), "share_below_1": float((ifd < 1).mean())}
-    return ifd_selection(ifd, budget)
-
-
-def _run_instruction_mining(args, records, pruned, embeddings, budget, cache, table, report, timings):
-    from paser.score.engine import score_loss
-    from paser.select.baselines import INSTRUCTION_MINING_WEIGHTS, instruction_mining_scores, knn_distance, lexical_diversity, top_b
-
-    t = time.time()
-    cond = score_loss(pruned, records, template=args.template, cutoff=args.cutoff, cache_dir=cache, max_batch_tokens=args.max_batch_tokens)
-    timings["score"] = time.time() - t
-    ind = {
-        "knn6_distance": knn_distance(embeddings, 6),
-        "log_perplexity": np.asarray(cond.nll, dtype=np.float64),
-        "lexical_diversity": np.array([lexical_diversity(r.output) for r in records]),
-        "response_length": np.asarray(cond.n_response, dtype=np.float64),
-    }
-    q = instruction_mining_scores(ind)
-    table.update({f"im_{k}": v for k, v in ind.items()}, im_quality=q)
-    report["instruction_mining"] = {"weights": INSTRUCTION_MINING_WEIGHTS, "indicators": "z-scored"}
-    return top_b(q, budget)
-
-
-def _run_nuggets(args, records, pruned, embeddings, budget, cache, table, report, timings, n_anchors: int = 8):
-    """One-shot golden scores against a k-means anchor set (cost: N × anchors forward passes)."""
-    from paser.io.templates import render_prompt
-    from paser.score.engine import score_loss
-    from paser.select.baselines import golden_scores, nuggets_anchor_indices, top_b
-
-    t = time.time()
-    anchors = nuggets_anchor_indices(embeddings, n_anchors, args.seed)
-    kw = dict(template="raw", cutoff=2 * args.cutoff, cache_dir=cache, max_batch_tokens=args.max_batch_tokens)
-    zero = [Record(render_prompt(records[a], args.template), "", records[a].output) for a in anchors]
-    zero_nll = np.asarray(score_loss(pruned, zero, **kw).nll, dtype=np.float64)
-    pairs = []
-    for r in records:
-        demo = render_prompt(r, args.template) + r.output + "\n\n"
-        pairs.extend(Record(demo + render_prompt(records[a], args.template), "", records[a].output) for a in anchors)
-    scored = score_loss(pruned, pairs, **kw)
-    one = np.asarray(scored.nll, dtype=np.float64).reshape(len(records), len(anchors))
-    gs = golden_scores(zero_nll, one)
-    timings["score"] = time.time() - t
-    table["golden_score"] = gs
-    report["nuggets"] = {
-        "anchors": [records[a].id for a in anchors],
-        "forward_sequences": len(pairs) + len(zero),
-        "tokens": int(scored.stats.tokens) if hasattr(scored, "stats") else None,
-        "seconds": timings["score"],
-    }
-    return top_b(gs, budget)
