@@ -1,4 +1,4 @@
-"""How many samples does NTM reject, per threshold and key-phrase setting? (METHOD.md §3)
+"""How many samples does NTM reject, per threshold and key-phrase setting? (docs/METHOD.md §3)
 
 Streams a real mixed pool (the embedded 7,400-record pool) through the NTM gate and reports,
 as acceptance grows to 400 / 1,000 / 2,000 samples, how many candidates were rejected in

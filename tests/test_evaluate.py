@@ -262,7 +262,7 @@ def test_real_model_small(tmp_path):
     tok = load_model("smollm2-135m").tokenizer
     text = ppl_text("wikitext2")
     assert leading_token_ids(tok, text, 1024).tolist() == tok(text, add_special_tokens=False)["input_ids"][:1024]
-    assert 5 < r["wikitext2"]["ppl"] < 100  # dense SmolLM2-135M: ~33 at window 512 (METHOD.md §3b)
+    assert 5 < r["wikitext2"]["ppl"] < 100  # dense SmolLM2-135M: ~33 at window 512 (docs/METHOD.md §3b)
     assert r["arc_easy"]["n"] == 8 and r["piqa"]["n"] == 8
     # The gold choice's probability among the choices is a real distribution's (finite, below 1).
     # 8 items are too few to demand better than chance: the dense model itself is near it, and

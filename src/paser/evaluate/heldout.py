@@ -5,7 +5,7 @@ built by `paser.io.templates.encode_example` (the template recovery training use
 number measures exactly what recovery optimises, on records outside the pool). Reported per
 capability (the embedded file has general / math / code) as the mean over records with its
 standard error, plus the token-weighted mean. Small CPU runs resolve recovery differences
-with it that accuracy on 50 questions cannot (METHOD.md §3b: standard error about 0.06 nats).
+with it that accuracy on 50 questions cannot (docs/METHOD.md §3b: standard error about 0.06 nats).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Token-level divergences and losses: pure tensor functions, no models, no files.
 
-CDAIS (METHOD.md §2) measures capability degradation per sample as the mean, over the
+CDAIS (docs/METHOD.md §2) measures capability degradation per sample as the mean, over the
 response tokens, of the Jensen-Shannon divergence between the original and the pruned
 model's next-token distributions; IFD needs the mean response negative log-likelihood.
 Both are computed here from logits, in float32 log space, a chunk of tokens at a time so

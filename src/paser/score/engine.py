@@ -1,6 +1,6 @@
 """The one scoring engine: teacher-forced, length-bucketed forward passes with resumable caches.
 
-PASER's capability degradation (CDAIS, METHOD.md §2) and the IFD baseline both need, per
+PASER's capability degradation (CDAIS, docs/METHOD.md §2) and the IFD baseline both need, per
 sample, a statistic of the response tokens under teacher forcing. The reference code ran
 each model per sample at batch size 1 (twice), over every position. This engine instead:
 

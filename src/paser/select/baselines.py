@@ -1,4 +1,4 @@
-"""The baselines PASER is compared with, all at the same budget B (METHOD.md §4).
+"""The baselines PASER is compared with, all at the same budget B (docs/METHOD.md §4).
 
 Pure functions over arrays the driver has already computed (clusters, losses, embeddings),
 so each baseline costs only what it needs: random and full need nothing, uniform needs the

@@ -1,7 +1,7 @@
 """S2RIC step 3: NMF-based spectral clustering of the diffusion map, and the choice of K.
 
 The paper factorises a non-negative similarity of the embedded points and labels each point
-by its largest factor. A prototype (METHOD.md §3b) found NMF of sparse kNN similarity graphs
+by its largest factor. A prototype (docs/METHOD.md §3b) found NMF of sparse kNN similarity graphs
 unstable, and NMF of the diffusion affinity reliable. That affinity has an exact low-rank form
 
     M = A A^T,   A = [sqrt(c) 1, Y]   (Y = diffusion coordinates, N x d),

@@ -1,4 +1,4 @@
-"""NTM: negative-transfer mitigation with a concept consistency graph (METHOD.md §3).
+"""NTM: negative-transfer mitigation with a concept consistency graph (docs/METHOD.md §3).
 
 Each sample is reduced to a few *concepts* (normalised key phrases of its instruction,
 input and output). The concept consistency graph G has a node per concept and an edge
