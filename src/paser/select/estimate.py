@@ -91,7 +91,7 @@ def estimate_selection(args: SelectArgs, sample_size: int = 64, records: list | 
     from paser.score.engine import encode_records, plan_batches
     from paser.select.budget import resolve_budget
     from paser.select.registry import SELECTION_METHODS, get
-    from paser.select.run import load_selection_pool
+    from paser.select.pool import load_selection_pool
 
     spec = get(SELECTION_METHODS, args.method, "selection method")
 

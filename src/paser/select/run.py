@@ -19,7 +19,8 @@ import numpy as np
 from paser.config import SelectArgs
 from paser.errors import PaserError
 from paser.io.cache import atomic_write_json, default_cache_dir, write_parquet_atomic
-from paser.io.records import Record, load_pool, write_jsonl
+from paser.io.records import Record, write_jsonl
+from paser.select.pool import load_selection_pool, pool_seed  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -45,24 +46,6 @@ class SelectionResult:
         if ntm and ntm.get("enabled"):
             lines.append(f"NTM: {ntm['rejected']} rejected, {ntm['overrides']} taken to meet the budget")
         return "\n".join(lines)
-
-
-def pool_seed(args: SelectArgs) -> int:
-    """The seed of the --limit subset: --limit-seed when given, else --seed."""
-    return args.seed if args.limit_seed is None else args.limit_seed
-
-
-def load_selection_pool(args: SelectArgs) -> tuple[list[Record], list[dict]]:
-    """The pool: the user's files (or the embedded pool), optionally a seeded subset of N."""
-    from paser.data import pool_path
-
-    paths = args.data or [str(pool_path())]
-    records, reports = load_pool(paths, skip_invalid=args.skip_invalid)
-    if args.limit is not None and args.limit < len(records):
-        from paser.data import pool_subset_indices
-
-        records = [records[i] for i in pool_subset_indices(len(records), args.limit, pool_seed(args))]
-    return records, [{"path": r.path, "kept": r.kept, "skipped": dict(r.skipped)} for r in reports]
 
 
 def _distributed_state():
