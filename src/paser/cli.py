@@ -104,6 +104,9 @@ def setup_output(verbose: bool) -> None:
     if verbose:
         return
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # read when transformers is imported
+    # transformers' "Loading weights" / "Writing model shards" bars, read when huggingface_hub
+    # is imported; paser's own bars (scoring, training) stay.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     for name in _NOISY_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
     for category in (FutureWarning, DeprecationWarning, UserWarning):

@@ -86,3 +86,15 @@ def user_os_error(e: OSError) -> FileError | None:
     if e.filename2 is not None:
         path = f"{path} -> {e.filename2}"
     return FileError(path, reason)
+
+
+class ResultText(str):
+    """A command's printed summary that also says how many of its stages failed (`failed`):
+    the CLI prints it and exits non-zero when any did. A plain str to every other caller."""
+
+    failed: int = 0
+
+    def __new__(cls, text: str, failed: int = 0):
+        obj = super().__new__(cls, text)
+        obj.failed = int(failed)
+        return obj
