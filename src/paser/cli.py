@@ -102,6 +102,8 @@ def setup_output(verbose: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("paser").setLevel(logging.DEBUG if verbose else logging.INFO)
     if verbose:
+        for name in _NOISY_LOGGERS:
+            logging.getLogger(name).setLevel(logging.NOTSET)
         return
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # read when transformers is imported
     # transformers' "Loading weights" / "Writing model shards" bars, read when huggingface_hub
