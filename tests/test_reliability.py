@@ -576,3 +576,30 @@ def test_third_party_noise_is_silenced_unless_verbose():
     finally:
         for name in ("faiss", "faiss.loader", "matplotlib", "transformers", "peft"):
             logging.getLogger(name).setLevel(logging.NOTSET)
+
+
+def test_damaged_hidden_state_cache_runs_the_original_again(tmp_path, scored, caplog):
+    from paser.score.engine import score_degradation
+
+    o, p, recs, clean = scored
+    first = score_degradation(o, p, recs, cutoff=64, cache_dir=tmp_path, max_batch_tokens=256, progress=False)
+    (blob,) = tmp_path.glob("scores/final_hidden/*/hid-*.npy")
+    _flip(blob, blob.stat().st_size - 64, 16)  # inside the float data, where np.load cannot notice
+    for s in tmp_path.glob("scores/degradation/*/shard-*.parquet"):
+        s.unlink()  # so the JSDs must be recomputed from the (damaged) hidden cache
+    with caplog.at_level(logging.WARNING, logger="paser"):
+        again = score_degradation(o, p, recs, cutoff=64, cache_dir=tmp_path, max_batch_tokens=256, progress=False)
+    assert "hidden-state cache file" in caplog.text and "checksum mismatch" in caplog.text
+    assert again.stats.original_forward_samples == len(recs)
+    assert np.array_equal(again.jsd, clean.jsd) and np.array_equal(first.jsd, clean.jsd)
+
+
+def test_shards_written_before_checksums_are_still_read(tmp_path):
+    from paser.io.cache import ShardStore, write_parquet_atomic
+    from paser.score.engine import validate_degradation_shard
+
+    store = ShardStore(tmp_path, validate=validate_degradation_shard)
+    cols = {"id": ["a", "b"], "jsd": np.array([0.1, 0.2]), "nll_original": np.array([1.0, 2.0]), "nll_pruned": np.array([1.5, 2.5])}
+    write_parquet_atomic(tmp_path / "shard-r000-0123456789ab.parquet", cols)  # the old name: no checksum part
+    store.append({**cols, "id": ["c", "d"]})
+    assert store.done_ids() == {"a", "b", "c", "d"}
