@@ -73,7 +73,8 @@ def load_pipeline_config(path: str | Path, out: str | None = None) -> PipelineCo
     for key in ("out", "original", "pruned", "archive", "cache_dir"):
         v = raw.get(key)
         if v is not None and not isinstance(v, str):
-            raise bad(key, f"expected a path or model name, got {v!r}")
+            what = "a model path or name" if key in ("original", "pruned") else "a directory path"
+            raise bad(key, f"expected {what}, got {v!r}")
     for key in ("include_dense", "include_unrecovered"):
         if key in raw and not isinstance(raw[key], bool):
             raise bad(key, f"expected true or false, got {raw[key]!r}")
