@@ -603,3 +603,18 @@ def test_shards_written_before_checksums_are_still_read(tmp_path):
     write_parquet_atomic(tmp_path / "shard-r000-0123456789ab.parquet", cols)  # the old name: no checksum part
     store.append({**cols, "id": ["c", "d"]})
     assert store.done_ids() == {"a", "b", "c", "d"}
+
+
+def test_strict_results_file_and_a_cached_rerun_with_undefined_errors(tmp_path, capsys, tiny_model_dir, monkeypatch):
+    """One item: standard errors are undefined (NaN). results.json says null; the private
+    evaluation cache keeps NaN, so the cached rerun formats as the first run did."""
+    monkeypatch.setenv("PASER_CACHE", str(tmp_path / "cache"))
+    outs = []
+    for i in range(2):
+        rc, out, err = run_cli(capsys, "evaluate", "--model", tiny_model_dir, "--tasks", "heldout,piqa", "--limit", "1",
+                               "--out", tmp_path / f"r{i}.json")
+        assert rc == 0, err
+        outs.append(out.splitlines()[1:-1])
+    assert outs[0] == outs[1] and "±nan" in "\n".join(outs[0])
+    res = json.loads((tmp_path / "r1.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in results.json"))
+    assert res["results"]["piqa"]["acc_stderr"] is None and res["results"]["piqa"]["cached"] is True

@@ -102,13 +102,28 @@ def strict_json(obj: Any) -> Any:
     return obj
 
 
-def dumps_json(obj: Any, indent: int | None = 2) -> str:
-    """The one JSON serialiser for paser's files: strict (no NaN/Infinity), UTF-8 text."""
+def dumps_json(obj: Any, indent: int | None = 2, strict: bool = True) -> str:
+    """The one JSON serialiser for paser's files: strict (no NaN/Infinity: null), UTF-8 text.
+
+    strict=False keeps Python's NaN/Infinity extension, for a private cache that paser alone
+    reads back and whose NaNs must survive the round trip (an undefined standard error must
+    not come back as None into arithmetic and formatting).
+    """
+    if not strict:
+        return json.dumps(obj, indent=indent, sort_keys=False, default=_json_default_nan, ensure_ascii=False)
     return json.dumps(strict_json(obj), indent=indent, sort_keys=False, default=_json_default, ensure_ascii=False, allow_nan=False)
 
 
-def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
-    atomic_write_text(path, dumps_json(obj) + "\n")
+def atomic_write_json(path: str | os.PathLike, obj: Any, *, strict: bool = True) -> None:
+    atomic_write_text(path, dumps_json(obj, strict=strict) + "\n")
+
+
+def _json_default_nan(o: Any) -> Any:
+    if isinstance(o, np.floating):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    return _json_default(o)
 
 
 def _json_default(o: Any) -> Any:
