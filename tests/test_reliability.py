@@ -221,6 +221,8 @@ def test_out_of_the_wrong_kind_is_refused_before_any_work(tmp_path, capsys, tiny
     assert_user_error(rc, err, "is a directory", "must name a file")
     rc, _, err = run_cli(capsys, "select", "--method", "random", "--out", f / "sub")
     assert_user_error(rc, err, "is a file, not a directory")
+    rc, _, err = run_cli(capsys, "recover", "--model", tiny_model_dir, "--data", f, "--out", tiny_model_dir)
+    assert_user_error(rc, err, "overwrite the input")
 
 
 def test_unwritable_out_is_refused(tmp_path, capsys, monkeypatch):
