@@ -131,11 +131,14 @@ def test_a_new_field_picks_up_its_declared_rules():
     class NewArgs(_Validated):
         warmup: float = _f(0.1, "warm-up share", min=0.0, max=1.0)
         mode: str = _f("a", "mode", choices=("a", "b"))
+        rule: str = _f("x", "a registry's entries", choices=lambda: ("x", "y"))
 
     with pytest.raises(OptionError, match="--warmup"):
         NewArgs(warmup=2.0)
     with pytest.raises(OptionError, match="one of a, b"):
         build_args(NewArgs, {"mode": "c"})
+    with pytest.raises(OptionError, match="--rule: must be one of x, y"):
+        NewArgs(rule="z")
 
 
 def test_global_options_after_the_subcommand():

@@ -42,12 +42,13 @@ def _f(
     max: float | None = None,
     gt: float | None = None,
     lt: float | None = None,
-    choices: tuple | None = None,
+    choices: tuple | Callable[[], Any] | None = None,
     check: Callable[[Any], None] | None = None,
     **kw,
 ) -> Any:
     """A dataclass field with help text and its rules: min/max (inclusive), gt/lt (exclusive),
-    choices (allowed values), check (a callable that raises ValueError with the reason)."""
+    choices (allowed values, or a callable returning them), check (a callable that raises
+    ValueError with the reason)."""
     rules = {k: v for k, v in (("min", min), ("max", max), ("gt", gt), ("lt", lt), ("choices", choices), ("check", check)) if v is not None}
     meta = {"help": help, **kw, **rules}
     if isinstance(default, (list, dict)):
@@ -112,7 +113,7 @@ def check_field(f: dataclasses.Field, hint: Any, value: Any) -> Any:
     if value is None:
         return None
     m = f.metadata
-    choices = m.get("choices")
+    choices = field_choices(f)
     if choices is not None:
         items = value if isinstance(value, list) else [value]
         for v in items:
@@ -126,6 +127,18 @@ def check_field(f: dataclasses.Field, hint: Any, value: Any) -> Any:
     if m.get("check") is not None:
         m["check"](value)
     return value
+
+
+def field_choices(f: dataclasses.Field) -> tuple | None:
+    """A field's allowed values; `choices` may be a callable, asked each time, so that an entry
+    registered after import (a registry's) is a valid choice too."""
+    c = f.metadata.get("choices")
+    return tuple(c()) if callable(c) else c
+
+
+def select_methods() -> tuple:
+    """The selection method names `--method` accepts (the pipeline's `methods` too)."""
+    return field_choices(next(f for f in dataclasses.fields(SelectArgs) if f.name == "method")) or ()
 
 
 def _range_text(lo, hi, gt, lt) -> str:
@@ -311,7 +324,7 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, exclude:
         else:
             kw: dict[str, Any] = {}
             if "choices" in f.metadata:
-                kw["choices"] = f.metadata["choices"]
+                kw["choices"] = field_choices(f)
             parser.add_argument(flag, dest=f.name, type=tp, default=argparse.SUPPRESS, help=shown, **kw)
 
 

@@ -53,7 +53,7 @@ def load_pipeline_config(path: str | Path, out: str | None = None) -> PipelineCo
     """The experiment config, every key checked before the first stage runs: section types,
     method names, budgets, seeds, evaluation tasks and every nested option (with file and
     line), so that a typo fails in a second rather than after an hour of pruning."""
-    from paser.config import EvaluateArgs, PruneArgs, _SELECT_METHODS, _check_budget
+    from paser.config import EvaluateArgs, PruneArgs, _check_budget, select_methods
     from paser.errors import OptionError
 
     raw = load_yaml(path)
@@ -90,9 +90,13 @@ def load_pipeline_config(path: str | Path, out: str | None = None) -> PipelineCo
         v = getattr(cfg, key)
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < (1 if key == "pool_limit" else 0)):
             raise bad(key, f"expected an integer >= {1 if key == 'pool_limit' else 0}, got {v!r}")
-    for m in cfg.methods:
-        if m not in _SELECT_METHODS:
-            raise bad("methods", f"unknown method {m!r}; choose from {', '.join(_SELECT_METHODS)}")
+    known = select_methods()
+    for m in cfg.methods:  # a name, or a mapping naming one under `method` (a variant)
+        name = m.get("method") if isinstance(m, dict) else m
+        if isinstance(m, dict) and name is None:
+            continue  # the variant's own checks name what is missing
+        if not isinstance(name, str) or name not in known:
+            raise bad("methods", f"unknown method {name!r}; choose from {', '.join(known)}")
     for s in cfg.seeds:
         if isinstance(s, bool) or not isinstance(s, int) or s < 0:
             raise bad("seeds", f"a seed must be an integer >= 0, got {s!r}")
