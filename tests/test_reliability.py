@@ -623,3 +623,25 @@ def test_strict_results_file_and_a_cached_rerun_with_undefined_errors(tmp_path, 
     assert outs[0] == outs[1] and "±nan" in "\n".join(outs[0])
     res = json.loads((tmp_path / "r1.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in results.json"))
     assert res["results"]["piqa"]["acc_stderr"] is None and res["results"]["piqa"]["cached"] is True
+
+
+def test_an_interrupt_keeps_the_finished_batches(tmp_path, scored, monkeypatch):
+    import paser.score.engine as eng
+
+    o, p, recs, clean = scored
+    real, calls = eng._collate, []
+
+    def interrupted(*a, **kw):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # Ctrl-C during the third batch
+        return real(*a, **kw)
+
+    monkeypatch.setattr(eng, "_collate", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        eng.score_degradation(o, p, recs, cutoff=64, cache_dir=tmp_path, max_batch_tokens=256, progress=False)
+    monkeypatch.setattr(eng, "_collate", real)
+    resumed = eng.score_degradation(o, p, recs, cutoff=64, cache_dir=tmp_path, max_batch_tokens=256, progress=False)
+    first_two = sum(e - s for s, e in eng.plan_batches([it.length for it in eng.rank_share(eng.encode_records(recs, o.tokenizer, "alpaca", 64))], 256)[:2])
+    assert resumed.stats.samples_cached == first_two  # the count rule (8 batches) never fired: saved on the interrupt
+    assert np.array_equal(resumed.jsd, clean.jsd)
