@@ -31,8 +31,6 @@ from paser.io.templates import TEMPLATES
 # which can name the file and line) and the Python API (each dataclass's __post_init__). A
 # field added later with `_f(..., min=1)` is checked without further code.
 
-_RULES = ("min", "max", "gt", "lt", "choices", "check")
-
 
 def _f(
     default: Any,
