@@ -141,8 +141,13 @@ def test_a_new_field_picks_up_its_declared_rules():
         NewArgs(rule="z")
 
 
-def test_global_options_after_the_subcommand():
+def test_global_options_after_the_subcommand(tmp_path, capsys):
     from paser.cli import build_parser
+
+    rc, out, err = run_cli(capsys, "select", "--threads", "1", "--method", "random", "--budget", "3", "--limit", "20",
+                           "--no-plots", "--no-estimate", "--out", tmp_path / "o")
+    assert rc == 0 and "selected 3 of 20" in out, err
+    assert torch.get_num_threads() == 1
 
     ns = build_parser().parse_args(["select", "--threads", "1", "--verbose", "--budget", "3"])
     assert ns.threads == 1 and ns.verbose and ns.budget == "3"
