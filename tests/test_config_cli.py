@@ -28,7 +28,7 @@ def test_unknown_yaml_key_names_file_and_line(tmp_path):
 def test_bad_type_and_bad_yaml(tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("seed: many\n")
-    with pytest.raises(InputError, match="expected int"):
+    with pytest.raises(InputError, match="expected an integer"):
         build_args(SelectArgs, load_yaml(cfg), source=cfg)
     cfg.write_text("seed: [1\n")
     with pytest.raises(InputError, match="invalid YAML"):

@@ -236,4 +236,4 @@ def test_pipeline_variants_are_validated_before_any_stage(tmp_path, tiny_model_d
     assert "allocation" in capsys.readouterr().err
     cfg = write_pipeline_config(tmp_path / "exp.yaml", tiny_model_dir, tiny_pruned_dir, tmp_path / "run", [{"label": "p", "method": "best"}])
     assert main(["pipeline", "--config", str(cfg)]) == 2
-    assert "unknown selection method 'best'" in capsys.readouterr().err
+    assert "unknown method 'best'" in capsys.readouterr().err

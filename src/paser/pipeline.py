@@ -52,30 +52,82 @@ class PipelineConfig:
 
 
 def load_pipeline_config(path: str | Path, out: str | None = None) -> PipelineConfig:
+    """The experiment config, every key checked before the first stage runs: section types,
+    method names, budgets, seeds, evaluation tasks and every nested option (with file and
+    line), so that a typo fails in a second rather than after an hour of pruning."""
+    from paser.config import EvaluateArgs, PruneArgs, _check_budget, select_methods
+    from paser.errors import OptionError
+
     raw = load_yaml(path)
     names = {f.name for f in dataclasses.fields(PipelineConfig)}
     for key in raw:
         if key not in names:
             raise InputError(str(path), f"unknown key; known: {', '.join(sorted(names))}", line=_yaml_key_line(path, key), field=key)
+
+    def bad(key: str, message: str) -> OptionError:
+        return OptionError(key, message, path=str(path), line=_yaml_key_line(path, key))
+
+    for key in ("prune", "select", "recover", "evaluate"):
+        if key in raw and raw[key] is not None and not isinstance(raw[key], dict):
+            raise bad(key, f"expected a section of option: value pairs, got {raw[key]!r}")
+        if key in raw and raw[key] is None:
+            raw[key] = {}
+    for key in ("out", "original", "pruned", "archive", "cache_dir"):
+        v = raw.get(key)
+        if v is not None and not isinstance(v, str):
+            what = "a model path or name" if key in ("original", "pruned") else "a directory path"
+            raise bad(key, f"expected {what}, got {v!r}")
+    for key in ("include_dense", "include_unrecovered"):
+        if key in raw and not isinstance(raw[key], bool):
+            raise bad(key, f"expected true or false, got {raw[key]!r}")
+    for key in ("budgets", "methods", "seeds", "data"):
+        if key in raw and not isinstance(raw[key], list):
+            raw[key] = [raw[key]]
+        if key in raw and not raw[key] and key != "data":
+            raise bad(key, "the list is empty")
     cfg = PipelineConfig(**raw)
     if out:
         cfg.out = out
-    for key in ("budgets", "methods", "seeds", "data"):
-        if not isinstance(getattr(cfg, key), list):
-            setattr(cfg, key, [getattr(cfg, key)])
     for key in ("pool_limit", "pool_seed"):
         v = getattr(cfg, key)
-        if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
-            raise InputError(str(path), f"expected an integer, got {v!r}", line=_yaml_key_line(path, key), field=key)
-    for key in ("out", "archive", "cache_dir"):
-        v = getattr(cfg, key)
-        if v is not None and not isinstance(v, str):
-            raise InputError(str(path), f"expected a directory path, got {v!r}", line=_yaml_key_line(path, key), field=key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < (1 if key == "pool_limit" else 0)):
+            raise bad(key, f"expected an integer >= {1 if key == 'pool_limit' else 0}, got {v!r}")
+    known = select_methods()
+    for m in cfg.methods:  # a name, or a mapping naming one under `method` (a variant)
+        name = m.get("method") if isinstance(m, dict) else m
+        if isinstance(m, dict) and name is None:
+            continue  # the variant's own checks name what is missing
+        if not isinstance(name, str) or name not in known:
+            raise bad("methods", f"unknown method {name!r}; choose from {', '.join(known)}")
+    for s in cfg.seeds:
+        if isinstance(s, bool) or not isinstance(s, int) or s < 0:
+            raise bad("seeds", f"a seed must be an integer >= 0, got {s!r}")
+    for b in cfg.budgets:
+        if isinstance(b, bool) or not isinstance(b, (int, float, str)):
+            raise bad("budgets", f"a budget is a fraction or a count, got {b!r}")
+        try:
+            _check_budget(str(b))  # the budget module's own parser (counts, fractions, tokens)
+        except ValueError as e:
+            raise bad("budgets", str(e)) from None
+    for d in cfg.data:
+        if not isinstance(d, str):
+            raise bad("data", f"expected file paths, got {d!r}")
+    limits = cfg.evaluate.get("limits")
+    if limits is not None:
+        if not isinstance(limits, dict):
+            raise bad("limits", f"expected task: count pairs, got {limits!r}")
+        from paser.evaluate.runner import resolve_tasks
+
+        for t, n in limits.items():
+            try:
+                resolve_tasks([str(t)])
+            except PaserError as e:
+                raise bad("limits", str(e)) from None
+            if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+                raise bad("limits", f"{t}: expected an integer >= 1, got {n!r}")
     # Validate the nested option blocks now, not after an hour of work.
     build_args(SelectArgs, {**cfg.select, "method": "paser"}, source=path)
     build_args(RecoverArgs, cfg.recover, source=path)
-    from paser.config import EvaluateArgs, PruneArgs
-
     build_args(PruneArgs, cfg.prune, source=path)
     build_args(EvaluateArgs, {k: v for k, v in cfg.evaluate.items() if k != "limits"}, source=path)
     for e in method_entries(cfg, path):  # each variant's own options, with the sections' defaults
@@ -267,7 +319,9 @@ def run_pipeline(config_path: str | Path, out: str | None = None) -> str:
     msg = table + f"\n\nreport: {html_path}\nalso: {root / 'report.md'}, {root / 'results.json'}"
     if failures:
         msg += f"\n{len(failures)} stage(s) failed; see the report"
-    return msg
+    from paser.errors import ResultText
+
+    return ResultText(msg, failed=len(failures))  # the CLI exits non-zero when any stage failed
 
 
 @dataclass(frozen=True)

@@ -299,7 +299,9 @@ def evaluate_model(
                        cache_dir=cache_root.parent if cache_dir is None else cache_root)
         secs = time.time() - t0
         if use_cache:
-            atomic_write_json(cpath, {"key": proto, "fingerprint": em.fingerprint, "result": res, "seconds": secs})
+            # A private cache read back only here: strict=False keeps NaN (e.g. the standard error of
+            # one item) a NaN, where strict JSON's null would come back as None.
+            atomic_write_json(cpath, {"key": proto, "fingerprint": em.fingerprint, "result": res, "seconds": secs}, strict=False)
         results[task] = {**res, "seconds": secs, "cached": False}
 
     out = {

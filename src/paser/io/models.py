@@ -131,7 +131,10 @@ def materialise_embedded(name: str, cache_dir: Path | None = None) -> Path:
     model.save_pretrained(tmp, safe_serialization=True)
     tok.save_pretrained(tmp)
     fp = fingerprint_directory(tmp)
-    atomic_write_json(tmp / "paser_model.json", {"name": name, "gguf": gguf.name, "fingerprint": fp, "seconds": time.time() - t0})
+    # The file stats make the stored fingerprint checkable (see _cached_dir_fingerprint); they
+    # are taken in tmp, and a rename keeps inode, size and times.
+    atomic_write_json(tmp / "paser_model.json", {"name": name, "gguf": gguf.name, "fingerprint": fp, "files": _weight_stats(tmp),
+                                                  "seconds": time.time() - t0})
     if out.exists():
         import shutil
 
@@ -154,13 +157,29 @@ def resolve_model_path(model: str, cache_dir: Path | None = None) -> tuple[str, 
     )
 
 
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+def _fingerprinted_files(p: Path) -> list[Path]:
+    return sorted(f for f in p.iterdir() if f.name == "config.json" or f.suffix in _WEIGHT_SUFFIXES)
+
+
+def _weight_stats(p: Path) -> dict[str, list[int]]:
+    """name -> [size, mtime_ns, ctime_ns, inode] of every fingerprinted file. A file replaced or
+    rewritten in place changes its ctime (which no tool can set back) or its inode, so equal
+    stats mean the bytes hashed before are still the bytes on disk."""
+    out = {}
+    for f in _fingerprinted_files(p):
+        st = f.stat()
+        out[f.name] = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+    return out
+
+
 def fingerprint_directory(path: str | os.PathLike) -> str:
     """sha256 over config.json and every weight file, in name order."""
     p = Path(path)
     h = hashlib.sha256()
-    files = sorted(
-        [f for f in p.iterdir() if f.name == "config.json" or f.suffix in (".safetensors", ".bin", ".pt", ".pth")]
-    )
+    files = _fingerprinted_files(p)
     if not files:
         raise ModelError(f"{p}: no config.json or weight files to fingerprint")
     for f in files:
@@ -186,16 +205,37 @@ def fingerprint_model(model: torch.nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
-def _cached_dir_fingerprint(path: Path) -> str:
+def _cached_dir_fingerprint(path: Path, cache_dir: Path | None = None) -> str:
+    """The directory's fingerprint without rehashing gigabytes on every load, and never stale.
+
+    A stored fingerprint (paser_model.json, or paser's own record in the cache) is used only
+    while the stats of the files it hashed are unchanged; otherwise the files are hashed
+    again and the record renewed. Trusting the marker alone gave a model whose weights had
+    been replaced the old model's cached scores.
+    """
+    stats = _weight_stats(path)
     marker = path / "paser_model.json"
-    if marker.exists():
-        try:
-            fp = json.loads(marker.read_text()).get("fingerprint")
-            if fp:
-                return fp
-        except (OSError, json.JSONDecodeError):
-            pass
-    return fingerprint_directory(path)
+    try:
+        info = json.loads(marker.read_text()) if marker.exists() else {}
+    except (OSError, json.JSONDecodeError):
+        info = {}
+    if info.get("fingerprint") and info.get("files") == stats:
+        return info["fingerprint"]
+    record = (cache_dir or default_cache_dir()) / "fingerprints" / f"{hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:24]}.json"
+    try:
+        known = json.loads(record.read_text()) if record.exists() else {}
+    except (OSError, json.JSONDecodeError):
+        known = {}
+    if known.get("fingerprint") and known.get("files") == stats:
+        return known["fingerprint"]
+    fp = fingerprint_directory(path)
+    if info.get("fingerprint") and info["fingerprint"] != fp:
+        log.warning("%s: the weights changed since paser_model.json was written; using their new fingerprint", path)
+    try:  # a record in paser's cache, not the user's model directory, which may be read-only
+        atomic_write_json(record, {"path": str(path.resolve()), "fingerprint": fp, "files": stats})
+    except OSError:
+        pass
+    return fp
 
 
 def load_model(
@@ -223,22 +263,89 @@ def load_model(
         return LoadedModel(m, tok, str(p), fingerprint_model(m), p.stem)
     path, name = resolve_model_path(model, cache_dir)
     local = Path(path).exists()
-    if local and not (Path(path) / "config.json").exists():
-        raise ModelError(f"{path}: not a Hugging Face model directory (no config.json)")
+    if local:
+        _check_model_dir(Path(path), allow_pickle)
+    tok = _load_tokenizer(path, model, trust_remote_code)
     try:
-        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         m = AutoModelForCausalLM.from_pretrained(path, dtype=dt, trust_remote_code=trust_remote_code)
-    except OSError as e:
-        raise ModelError(f"cannot load model '{model}': {e}") from None
-    except ValueError as e:
-        if "trust_remote_code" in str(e):
-            raise ModelError(f"model '{model}' needs custom code; pass --trust-remote-code if you trust it") from None
-        raise ModelError(f"cannot load model '{model}': {e}") from None
+    except Exception as e:  # noqa: BLE001 - see _model_load_error: what a user can fix, else re-raised
+        raise _model_load_error(e, path, model) from None
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
+    check_finite_weights(m, path)
     m.to(dev).eval()
-    fp = _cached_dir_fingerprint(Path(path)) if local else fingerprint_model(m)
+    fp = _cached_dir_fingerprint(Path(path), cache_dir) if local else fingerprint_model(m)
     return LoadedModel(m, tok, path if local else "", fp, name)
+
+
+_CUSTOM_CODE = (
+    "needs the model's own Python code (trust_remote_code), which paser does not run from the command line; "
+    "from Python, paser.io.models.load_model(..., trust_remote_code=True) runs it if you trust its source"
+)
+
+
+def _check_model_dir(p: Path, allow_pickle: bool) -> None:
+    """What can be told from the file names, before anything is read."""
+    if not (p / "config.json").exists():
+        raise ModelError(f"{p}: not a Hugging Face model directory (no config.json)")
+    names = [f.name for f in p.iterdir()]
+    if not any(n.endswith(".safetensors") for n in names):
+        pickles = sorted(n for n in names if n.endswith((".bin", ".pt", ".pth")))
+        if pickles and not allow_pickle:
+            raise ModelError(
+                f"{p / pickles[0]}: the weights are a pickle, and unpickling can run code from the file; "
+                "pass --allow-pickle only if you trust it (or convert it to safetensors)"
+            )
+
+
+def _load_tokenizer(path: str, model: str, trust_remote_code: bool):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except Exception as e:  # noqa: BLE001 - tokenizers raises a bare Exception for a broken tokenizer.json
+        if "trust_remote_code" in str(e):
+            raise ModelError(f"model '{model}' {_CUSTOM_CODE}") from None
+        files = [f for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json") if (Path(path) / f).exists()]
+        where = ", ".join(str(Path(path) / f) for f in files) if files else path
+        raise ModelError(f"{where}: cannot load the tokenizer ({type(e).__name__}: {_first_line(e)})") from None
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0][:300] if lines else "no details"
+
+
+def _model_load_error(e: Exception, path: str, model: str) -> Exception:
+    """A ModelError for a load failure the user can fix (damaged or missing weights, custom
+    code, a hub id offline); any other exception is returned unchanged, to be raised as the
+    bug it is."""
+    text = str(e)
+    if "trust_remote_code" in text:
+        return ModelError(f"model '{model}' {_CUSTOM_CODE}")
+    kind = type(e).__name__
+    damaged = kind in ("SafetensorError", "UnpicklingError", "HeaderTooLarge", "EOFError") or (
+        isinstance(e, (OSError, ValueError, RuntimeError)) and any(
+            w in text.lower() for w in ("safetensor", "header", "deserializ", "incomplete", "truncat", "corrupt", "unpickl", "size mismatch", "invalid load key")
+        )
+    )
+    if damaged:
+        weights = sorted(str(f) for f in Path(path).glob("*") if f.suffix in _WEIGHT_SUFFIXES) if Path(path).is_dir() else []
+        where = ", ".join(weights[:3]) if weights else path
+        return ModelError(f"{where}: the weights cannot be read, the file is damaged or truncated ({kind}: {_first_line(e)})")
+    if isinstance(e, (OSError, ValueError)):
+        return ModelError(f"cannot load model '{model}': {_first_line(e)}")
+    return e
+
+
+def check_finite_weights(model: torch.nn.Module, where: str) -> None:
+    """Refuse NaN or infinite weights at load, naming the first tensor: otherwise they surface
+    only mid-scoring, as NaN logits, after the work before them."""
+    with torch.no_grad():
+        for name, t in model.named_parameters():
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                bad = int((~torch.isfinite(t)).sum())
+                raise ModelError(f"{where}: weight '{name}' holds {bad} NaN or infinite value(s); the model file is broken")
 
 
 def _load_pickle(path: Path, dev: torch.device, dt: torch.dtype, allow_pickle: bool) -> LoadedModel:
@@ -248,12 +355,16 @@ def _load_pickle(path: Path, dev: torch.device, dt: torch.dtype, allow_pickle: b
             f"{path}: this is a pickled checkpoint, and unpickling runs arbitrary code. "
             "Pass --allow-pickle only if you trust the file."
         )
-    obj = torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 - a damaged pickle raises many types
+        raise ModelError(f"{path}: cannot be read, the file is damaged or truncated ({type(e).__name__}: {_first_line(e)})") from None
     if not isinstance(obj, dict) or "model" not in obj or "tokenizer" not in obj:
         raise ModelError(f"{path}: expected a dict with 'model' and 'tokenizer' (LLM-Pruner's format)")
     m, tok = obj["model"], obj["tokenizer"]
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
+    check_finite_weights(m, str(path))
     m.to(device=dev, dtype=dt).eval()
     return LoadedModel(m, tok, str(path), fingerprint_model(m), path.stem)
 
@@ -282,10 +393,7 @@ def load_tokenizer(model: str, *, trust_remote_code: bool = False, cache_dir: Pa
     if p.is_file():
         return load_model(model, allow_pickle=False).tokenizer  # a pickle: refused unless allowed
     path, _ = resolve_model_path(model, cache_dir)
-    try:
-        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as e:
-        raise ModelError(f"cannot load the tokenizer of '{model}': {e}") from None
+    tok = _load_tokenizer(path, model, trust_remote_code)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok

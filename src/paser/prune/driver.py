@@ -17,6 +17,7 @@ owns hooks and state). We do not use llm-compressor itself: version 0.14 pins tr
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shutil
 import time
@@ -301,7 +302,28 @@ def _layer_range(n_layers: int, layers: tuple[int, int] | None, method: str) -> 
 def _perplexity(model, tokenizer, tokens: int, window: int, show_progress: bool) -> dict:
     from paser.evaluate.perplexity import corpus_perplexity
 
-    return corpus_perplexity(model, tokenizer, "wikitext2", window=window, max_tokens=tokens, show_progress=show_progress).to_dict()
+    return _strict_perplexity(corpus_perplexity(model, tokenizer, "wikitext2", window=window, max_tokens=tokens, show_progress=show_progress).to_dict())
+
+
+def _strict_perplexity(d: dict) -> dict:
+    """The report's perplexity entry as strict JSON: a value that is not a finite number
+    becomes null, with the reason under "notes" (one window has no standard error; a mean NLL
+    beyond ~709 nats overflows exp())."""
+    notes = {}
+    for key in ("ppl", "nll", "nll_stderr"):
+        v = d.get(key)
+        if isinstance(v, float) and not math.isfinite(v):
+            if key == "nll_stderr" and d.get("n_windows", 0) < 2:
+                notes[key] = "one window: no standard error (use more perplexity tokens)"
+            elif key == "ppl":
+                notes[key] = f"overflow: exp of the mean NLL ({d.get('nll')}) is not a finite number"
+            else:
+                notes[key] = f"not a finite number ({v})"
+            d[key] = None
+    d["window_nll"] = [x if isinstance(x, float) and math.isfinite(x) else None for x in d.get("window_nll", [])]
+    if notes:
+        d["notes"] = notes
+    return d
 
 
 def prune_model(
@@ -628,8 +650,11 @@ def run_prune(
 
     ppl_tokens=0 skips the perplexity measurements; out_dir=None skips saving.
     """
+    from paser.config import check_output_path
     from paser.io.models import load_model
 
+    if out_dir is not None:  # refused now, not after the whole prune
+        check_output_path(out_dir, "whole-dir", [model_spec, calibration if isinstance(calibration, (str, os.PathLike)) else None])
     lm = load_model(model_spec, device=device, dtype=dtype, allow_pickle=allow_pickle)
     report = prune_model(
         lm.model, lm.tokenizer, method, sparsity, pattern, calibration, n_calibration, seq_len, importance, show_progress,

@@ -16,6 +16,8 @@ import math
 
 import torch
 
+from paser.errors import ModelError
+
 LN2 = math.log(2.0)
 
 # log-probabilities of exactly-zero probabilities (-inf logits) are clamped to this finite
@@ -28,11 +30,20 @@ def _log_probs(logits: torch.Tensor) -> torch.Tensor:
     return torch.log_softmax(logits.float(), dim=-1).clamp_min_(_LOG_FLOOR)
 
 
+class NonFiniteLogits(ModelError, ValueError):
+    """A model produced logits that are not a distribution: a user-facing model problem (NaN
+    weights are refused at load, so this is an overflow, e.g. in float16), and a ValueError for
+    callers of these tensor functions."""
+
+
 def _check_finite(values: torch.Tensor, what: str) -> torch.Tensor:
     # A NaN here can only come from NaN/+inf logits or an all −inf row: not a distribution.
     # Refuse loudly rather than let a broken model's NaN slip into a ranking.
     if values.numel() and not bool(torch.isfinite(values).all()):
-        raise ValueError(f"{what}: logits contain NaN, +inf, or a row that is entirely -inf")
+        raise NonFiniteLogits(
+            f"{what}: logits contain NaN, +inf, or a row that is entirely -inf "
+            "(the model's activations overflow: try float32, or check its weights)"
+        )
     return values
 
 

@@ -27,6 +27,7 @@ batches it lost and reproduces the uninterrupted run bit for bit.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import math
@@ -42,7 +43,7 @@ from paser.errors import ModelError, PaserError
 from paser.io.cache import ShardStore, atomic_write_bytes, default_cache_dir, stable_hash
 from paser.io.records import Record
 from paser.io.templates import EncodedExample, encode_example
-from paser.score.divergence import Workspace, gather_response, segment_mean, token_jsd_and_nll, token_nll
+from paser.score.divergence import LN2, Workspace, gather_response, segment_mean, token_jsd_and_nll, token_nll
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +123,47 @@ class LossScores:
 
     def __len__(self) -> int:
         return len(self.ids)
+
+
+# ----------------------------------------------------------------------------- cache validation
+
+# Float tolerance of the range checks: values are float32 means of values clamped to [0, ln 2].
+_TOL = 1e-5
+
+
+def _bad_rows(name: str, ok: np.ndarray) -> str | None:
+    n = int((~ok).sum())
+    return f"{n} row(s) with an impossible {name}" if n else None
+
+
+def validate_degradation_shard(cols: dict[str, np.ndarray]) -> str | None:
+    """Why a degradation shard cannot be trusted (JSD outside [0, ln 2], non-finite or negative
+    NLL, no ids), else None. Such a shard is dropped and its rows scored again."""
+    for c in ("id", "jsd", "nll_original", "nll_pruned"):
+        if c not in cols:
+            return f"column {c!r} missing"
+    jsd = np.asarray(cols["jsd"], dtype=np.float64)
+    reason = _bad_rows("JSD (must be in [0, ln 2])", np.isfinite(jsd) & (jsd >= -_TOL) & (jsd <= LN2 + _TOL))
+    for c in ("nll_original", "nll_pruned"):
+        v = np.asarray(cols[c], dtype=np.float64)
+        reason = reason or _bad_rows(f"{c} (must be finite, >= 0)", np.isfinite(v) & (v >= -_TOL))
+    return reason
+
+
+def validate_loss_shard(cols: dict[str, np.ndarray]) -> str | None:
+    if "id" not in cols or "nll" not in cols:
+        return "column 'id' or 'nll' missing"
+    v = np.asarray(cols["nll"], dtype=np.float64)
+    return _bad_rows("NLL (must be finite, >= 0)", np.isfinite(v) & (v >= -_TOL))
+
+
+def validate_hidden_index(cols: dict[str, np.ndarray]) -> str | None:
+    for c in ("id", "file", "offset", "n"):
+        if c not in cols:
+            return f"column {c!r} missing"
+    ok = (np.asarray(cols["offset"]) >= 0) & (np.asarray(cols["n"]) >= 0)
+    ok &= np.array([isinstance(f, str) and "/" not in f and "\\" not in f and f.endswith(".npy") for f in cols["file"]], dtype=bool)
+    return _bad_rows("entry", ok)
 
 
 # ----------------------------------------------------------------------------- encoding & batching
@@ -305,6 +347,27 @@ class _ModelView:
         return err
 
 
+def _logit_size(view: _ModelView) -> int | None:
+    head = view.head
+    if head is not None and hasattr(head, "out_features"):
+        return int(head.out_features)
+    w = getattr(head, "weight", None)
+    return int(w.shape[0]) if w is not None else None
+
+
+def check_same_vocabulary(view_o: _ModelView, view_p: _ModelView, name_o: str = "original", name_p: str = "pruned") -> None:
+    """The JSD compares two next-token distributions element by element: both models' LM heads
+    must have one vocabulary size. Checked before any scoring, since an identical tokenizer
+    does not imply it (a checkpoint padded to a multiple of 64 or 128 has extra rows)."""
+    vo, vp = _logit_size(view_o), _logit_size(view_p)
+    if vo is not None and vp is not None and vo != vp:
+        raise ModelError(
+            f"the {name_o} and {name_p} models have different vocabulary sizes ({vo} vs {vp} output logits) "
+            "although they share a tokenizer; PASER compares their next-token distributions and needs one size "
+            "(was one of them resized or padded, e.g. resize_token_embeddings(pad_to_multiple_of=...)?)"
+        )
+
+
 # ----------------------------------------------------------------------------- hidden-state cache
 
 
@@ -319,7 +382,7 @@ class HiddenCache:
 
     def __init__(self, root: Path, dtype: str = "float32", meta: dict | None = None):
         self.np_dtype = _HIDDEN_DTYPES[dtype]
-        self.store = ShardStore(root, meta=meta)
+        self.store = ShardStore(root, meta=meta, validate=validate_hidden_index)
         self.root = self.store.root
         cols = self.store.read()
         self.index: dict[str, tuple[str, int, int]] = {}
@@ -336,8 +399,35 @@ class HiddenCache:
         f, o, _ = hit
         arr = self._maps.get(f)
         if arr is None:
-            arr = self._maps[f] = np.load(self.root / f, mmap_mode="r")
+            arr = self._open_blob(f)
+            if arr is None:
+                return None
+        if o + n > arr.shape[0]:
+            return None
         return np.asarray(arr[o : o + n])
+
+    def _open_blob(self, f: str) -> np.ndarray | None:
+        """The blob memory-mapped, once its bytes match the checksum in its name; None (and its
+        entries forgotten, so the original model runs again) when it is missing or damaged."""
+        path = self.root / f
+        want = f.rsplit("-", 1)[-1][: -len(".npy")] if f.count("-") >= 4 else None
+        try:
+            if want is not None and len(want) == 16:
+                h = hashlib.sha256()
+                with open(path, "rb") as fh:
+                    for block in iter(lambda: fh.read(1 << 24), b""):
+                        h.update(block)
+                if h.hexdigest()[:16] != want:
+                    raise ValueError("checksum mismatch")
+            arr = np.load(path, mmap_mode="r", allow_pickle=False)
+            if arr.ndim != 2:
+                raise ValueError(f"expected a 2-D array, got shape {arr.shape}")
+        except (OSError, ValueError) as e:
+            log.warning("hidden-state cache file %s dropped, the original model will run again: %s", path, e)
+            self.index = {i: v for i, v in self.index.items() if v[0] != f}
+            return None
+        self._maps[f] = arr
+        return arr
 
     def round(self, hidden: torch.Tensor) -> torch.Tensor:
         """What a cache round trip does to `hidden`: fresh and cached values must agree exactly."""
@@ -352,10 +442,12 @@ class HiddenCache:
         if not self._pending:
             return
         blob = np.concatenate([h for _, h in self._pending], axis=0)
-        name = f"hid-r{rank:03d}-{stable_hash([i for i, _ in self._pending], 12)}-{time.time_ns() % 10**9:09d}.npy"
         buf = io.BytesIO()
         np.save(buf, blob, allow_pickle=False)
-        atomic_write_bytes(self.root / name, buf.getvalue())
+        data = buf.getvalue()
+        digest = hashlib.sha256(data).hexdigest()[:16]  # checked before the blob is first read
+        name = f"hid-r{rank:03d}-{stable_hash([i for i, _ in self._pending], 12)}-{time.time_ns() % 10**9:09d}-{digest}.npy"
+        atomic_write_bytes(self.root / name, data)
         offs = np.cumsum([0] + [len(h) for _, h in self._pending])[:-1]
         cols = {
             "id": [i for i, _ in self._pending],
@@ -395,6 +487,7 @@ def _drive(
     max_batch_tokens: int,
     max_batch_size: int,
     flush_every: int,
+    flush_seconds: float = 60.0,
     overhead_tokens: int = 128,
     rank: int,
     world_size: int,
@@ -406,7 +499,9 @@ def _drive(
 
     `batch_fn` returns columns (including "id") for every item of a batch; only rows not yet
     in the store are kept. Pending rows are appended as one shard every `flush_every`
-    batches and at the end (`before_flush` runs first: the hidden cache writes its blobs).
+    batches or `flush_seconds` seconds, whichever comes first, and at the end
+    (`before_flush` runs first: the hidden cache writes its blobs). So a kill loses at most
+    that much scoring; an interrupt (Ctrl-C) or an error keeps every finished batch.
     """
     from tqdm.auto import tqdm
 
@@ -420,16 +515,20 @@ def _drive(
     ]
     pending: dict[str, list] = {}
     n_pending_batches = 0
+    t0, c0 = time.perf_counter(), time.process_time()
+    last_flush = t0
 
     def flush() -> None:
-        nonlocal pending, n_pending_batches
+        nonlocal pending, n_pending_batches, last_flush
         if before_flush is not None:
             before_flush()
         if pending and pending["id"]:
             store.append({k: (v if k == "id" else np.asarray(v)) for k, v in pending.items()}, rank=rank)
-        pending, n_pending_batches = {}, 0
+        pending, n_pending_batches, last_flush = {}, 0, time.perf_counter()
 
-    t0, c0 = time.perf_counter(), time.process_time()
+    if not todo_batches:  # say so, rather than draw an empty progress bar
+        log.info("%s: cached (%d samples)", desc, len(share))
+        return stats
     bar = tqdm(
         total=len(share) - stats.samples_cached, desc=desc, unit="sample", disable=not progress, dynamic_ncols=True
     )
@@ -445,12 +544,18 @@ def _drive(
                 stats.samples_scored += len(keep)
                 stats.tokens += sum(batch[k].length for k in keep)
                 n_pending_batches += 1
-                if n_pending_batches >= flush_every:
+                if n_pending_batches >= flush_every or time.perf_counter() - last_flush >= flush_seconds:
                     flush()
                 bar.update(len(keep))
                 el = time.perf_counter() - t0
                 bar.set_postfix_str(f"{stats.tokens / max(el, 1e-9):,.0f} tok/s")
             flush()
+    except BaseException:
+        try:
+            flush()  # the rows of finished batches are valid: keep them for the resumed run
+        except Exception as e:  # e.g. the disk is full: the first error is the one to report
+            log.warning("could not save the finished batches: %s", e)
+        raise
     finally:
         bar.close()
     stats.seconds = time.perf_counter() - t0
@@ -510,6 +615,7 @@ def score_degradation(
     max_batch_size: int = 256,
     chunk: int = 256,
     flush_every: int = 8,
+    flush_seconds: float = 60.0,
     rank: int = 0,
     world_size: int = 1,
     reuse_original: bool = True,
@@ -549,8 +655,9 @@ def score_degradation(
         "hidden_dtype": hidden_dtype if reuse_original else "none",
         "version": ENGINE_VERSION,
     }
-    store = ShardStore(cache_root / "scores" / "degradation" / stable_hash(key), meta=key)
+    store = ShardStore(cache_root / "scores" / "degradation" / stable_hash(key), meta=key, validate=validate_degradation_shard)
     view_o, view_p = _ModelView(original.model), _ModelView(pruned.model)
+    check_same_vocabulary(view_o, view_p, original.name or "original", pruned.name or "pruned")
     for m in (original.model, pruned.model):
         m.eval()
 
@@ -613,24 +720,26 @@ def score_degradation(
             "n_prompt": np.array([it.n_prompt for it in batch], dtype=np.int64),
         }
 
-    share_done = store.done_ids()
-    if any(it.id not in share_done for it in rank_share(items, rank, world_size)) and items:
-        prepare()
-    stats = _drive(
-        items,
-        store,
-        batch_fn,
-        max_batch_tokens=max_batch_tokens,
-        max_batch_size=max_batch_size,
-        flush_every=flush_every,
-        rank=rank,
-        world_size=world_size,
-        desc=f"degradation ({pruned.name or 'pruned'})",
-        progress=progress,
-        before_flush=lambda: hidden_cache.flush(rank) if hidden_cache is not None else None,
-    )
-    stats.original_forward_samples = stats_extra["original_forward_samples"]
-    cols = _gather_results(records, store, ["jsd", "nll_pruned", "nll_original"], items)
+    with store.lock(rank):  # a concurrent run on this cache waits, then reads what this one scored
+        share_done = store.done_ids()
+        if any(it.id not in share_done for it in rank_share(items, rank, world_size)) and items:
+            prepare()
+        stats = _drive(
+            items,
+            store,
+            batch_fn,
+            max_batch_tokens=max_batch_tokens,
+            max_batch_size=max_batch_size,
+            flush_every=flush_every,
+            flush_seconds=flush_seconds,
+            rank=rank,
+            world_size=world_size,
+            desc=f"degradation ({pruned.name or 'pruned'})",
+            progress=progress,
+            before_flush=lambda: hidden_cache.flush(rank) if hidden_cache is not None else None,
+        )
+        stats.original_forward_samples = stats_extra["original_forward_samples"]
+        cols = _gather_results(records, store, ["jsd", "nll_pruned", "nll_original"], items)
     out = DegradationScores(
         ids=[r.id for r in records],
         jsd=cols["jsd"],
@@ -658,6 +767,7 @@ def score_loss(
     max_batch_size: int = 256,
     chunk: int = 256,
     flush_every: int = 8,
+    flush_seconds: float = 60.0,
     rank: int = 0,
     world_size: int = 1,
     progress: bool = True,
@@ -681,7 +791,7 @@ def score_loss(
         "tokenizer": _tokenizer_key(tok),
         "version": ENGINE_VERSION,
     }
-    store = ShardStore(cache_root / "scores" / "loss" / stable_hash(key), meta=key)
+    store = ShardStore(cache_root / "scores" / "loss" / stable_hash(key), meta=key, validate=validate_loss_shard)
     view = _ModelView(model.model)
     model.model.eval()
     pad = _pad_id(tok)
@@ -705,19 +815,21 @@ def score_loss(
             "n_prompt": np.array([it.n_prompt for it in batch], dtype=np.int64),
         }
 
-    stats = _drive(
-        items,
-        store,
-        batch_fn,
-        max_batch_tokens=max_batch_tokens,
-        max_batch_size=max_batch_size,
-        flush_every=flush_every,
-        rank=rank,
-        world_size=world_size,
-        desc=f"loss(y{'|x' if condition_on_prompt else ''}) {model.name}",
-        progress=progress,
-    )
-    cols = _gather_results(records, store, ["nll"], items)
+    with store.lock(rank):  # a concurrent run on this cache waits, then reads what this one scored
+        stats = _drive(
+            items,
+            store,
+            batch_fn,
+            max_batch_tokens=max_batch_tokens,
+            max_batch_size=max_batch_size,
+            flush_every=flush_every,
+            flush_seconds=flush_seconds,
+            rank=rank,
+            world_size=world_size,
+            desc=f"loss(y{'|x' if condition_on_prompt else ''}) {model.name}",
+            progress=progress,
+        )
+        cols = _gather_results(records, store, ["nll"], items)
     out = LossScores(
         ids=[r.id for r in records],
         nll=cols["nll"],

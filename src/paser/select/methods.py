@@ -143,11 +143,6 @@ def run_paser(ctx: Context):
 # ----------------------------------------------------------------------------- no model
 
 
-@register_method("full", "every record (the full-data baseline; ignores the budget)")
-def run_full(ctx: Context):
-    return np.arange(len(ctx.records)), None
-
-
 @register_method("random", "a seeded random sample (records until the token budget is full)")
 def run_random(ctx: Context):
     from paser.select.baselines import random_selection
@@ -248,3 +243,11 @@ def run_nuggets(ctx: Context, n_anchors: int = 8):
         "seconds": ctx.timings["score"],
     }
     return top_b(gs, ctx.budget, ctx.cost), None
+
+
+# ----------------------------------------------------------------------------- full data
+
+
+@register_method("full", "every record (the full-data baseline; ignores the budget)")
+def run_full(ctx: Context):
+    return np.arange(len(ctx.records)), None
