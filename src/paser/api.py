@@ -133,6 +133,7 @@ def evaluate(args: EvaluateArgs | None = None, **kwargs) -> str:
         ppl_max_tokens=a.ppl_tokens,
         batch_size=a.batch_size,
         allow_pickle=a.allow_pickle,
+        include_path=a.include_path,
     )
     return format_results(results) + f"\nresults written to {a.out}"
 

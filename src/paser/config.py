@@ -100,7 +100,7 @@ class RecoverArgs:
 @dataclass
 class EvaluateArgs:
     model: str = _f("", "model directory, embedded name, or LoRA adapter directory")
-    tasks: str = _f("wikitext2,ptb,commonsense", "comma-separated: wikitext2, ptb, heldout, boolq, piqa, hellaswag, winogrande, arc_easy, arc_challenge, openbookqa; or all / commonsense")
+    tasks: str = _f("wikitext2,ptb,commonsense", "comma-separated: wikitext2, ptb, heldout, boolq, piqa, hellaswag, winogrande, arc_easy, arc_challenge, openbookqa; or all / commonsense; or lm_eval:NAME for any lm-evaluation-harness task whose data is on this machine (e.g. lm_eval:mmlu, lm_eval:paser_arc_easy)")
     limit: int | None = _f(None, "items per task: a fixed, seeded subset so that runs compare")
     seed: int = _f(0, "seed of the --limit subset")
     out: str = _f("results.json", "results file")
@@ -108,6 +108,7 @@ class EvaluateArgs:
     ppl_tokens: int = _f(16384, "perplexity tokens (a fixed slice from the start of the corpus)")
     batch_size: int = _f(8, "batch size")
     allow_pickle: bool = _f(False, "allow loading pickled checkpoints (trusted files only)")
+    include_path: str | None = _f(None, "directory of your own lm-eval task YAMLs for lm_eval:NAME tasks (as lm_eval --include_path)")
 
 
 def _is_optional(tp: Any) -> bool:

@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -47,21 +48,31 @@ _ALIASES = {"wikitext": "wikitext2", "wikitext-2": "wikitext2", "arc_e": "arc_ea
 
 
 def resolve_tasks(tasks: list[str] | tuple[str, ...] | str) -> list[str]:
-    """Expand shorthands ("all", "commonsense", "ppl") and comma lists; keep order, no repeats."""
+    """Expand shorthands ("all", "commonsense", "ppl") and comma lists; keep order, no repeats.
+    "lm_eval:NAME" names any lm-evaluation-harness task (kept as typed: lm-eval's names are
+    case-sensitive)."""
+    from paser.evaluate import lm_eval_tasks
+
     if isinstance(tasks, str):
         tasks = [tasks]
     out: list[str] = []
     for raw in tasks:
-        for name in (n.strip().lower() for n in str(raw).split(",")):
+        for name in (n.strip() for n in str(raw).split(",")):
             if not name:
                 continue
+            if name.lower().startswith(lm_eval_tasks.PREFIX):
+                name = lm_eval_tasks.PREFIX + lm_eval_tasks.task_name(name)
+                if name not in out:
+                    out.append(name)
+                continue
+            name = name.lower()
             name = _ALIASES.get(name, name)
             expanded = SHORTHANDS.get(name, (name,))
             for t in expanded:
                 if t not in VALID_TASKS:
                     raise PaserError(
                         f"unknown evaluation task {raw!r}; valid: {', '.join(VALID_TASKS)} "
-                        f"(or {', '.join(SHORTHANDS)})"
+                        f"(or {', '.join(SHORTHANDS)}, or lm_eval:NAME for any lm-evaluation-harness task)"
                     )
                 if t not in out:
                     out.append(t)
@@ -158,9 +169,13 @@ def _default_batch_size(device: torch.device) -> int:
     return 32 if device.type == "cuda" else 8
 
 
-def task_protocol(task: str, *, limit, seed, ppl_window, ppl_max_tokens, heldout_template="alpaca", heldout_cutoff=256) -> dict:
+def task_protocol(task: str, *, limit, seed, ppl_window, ppl_max_tokens, heldout_template="alpaca", heldout_cutoff=256,
+                  include_path=None) -> dict:
     """Everything besides the model that decides a task's numbers (the cache key's payload)."""
-    from paser.evaluate import heldout, zeroshot
+    from paser.evaluate import heldout, lm_eval_tasks, zeroshot
+
+    if lm_eval_tasks.is_lm_eval(task):
+        return lm_eval_tasks.protocol(task, limit=limit, seed=seed, include_path=include_path)
 
     if task in PPL_TASKS:
         return {"task": task, "protocol": "ppl-v1:non-overlapping-windows", "window": ppl_window, "max_tokens": ppl_max_tokens}
@@ -170,10 +185,15 @@ def task_protocol(task: str, *, limit, seed, ppl_window, ppl_max_tokens, heldout
     return {"task": task, "protocol": zeroshot.PROTOCOL, "limit": limit, "seed": seed}
 
 
-def run_task(em: EvalModel, task: str, *, limit, seed, ppl_window, ppl_max_tokens, batch_size, show_progress=True) -> dict:
+def run_task(em: EvalModel, task: str, *, limit, seed, ppl_window, ppl_max_tokens, batch_size, show_progress=True,
+             include_path=None) -> dict:
     """Compute one task's result dict (no caching)."""
-    from paser.evaluate import heldout, zeroshot
+    from paser.evaluate import heldout, lm_eval_tasks, zeroshot
     from paser.evaluate.perplexity import corpus_perplexity
+
+    if lm_eval_tasks.is_lm_eval(task):
+        return lm_eval_tasks.run(em.model, em.tokenizer, task, limit=limit, seed=seed, batch_size=batch_size,
+                                 include_path=include_path)
 
     if task in PPL_TASKS:
         r = corpus_perplexity(em.model, em.tokenizer, task, window=ppl_window, max_tokens=ppl_max_tokens,
@@ -202,6 +222,9 @@ def summarise(results: dict[str, dict]) -> dict:
             out[f"{t}_ppl"] = results[t]["ppl"]
     if HELDOUT_TASK in results:
         out["heldout_loss"] = {c: v["loss"] for c, v in results[HELDOUT_TASK]["capabilities"].items()}
+    lm = {t: r["headline"] for t, r in results.items() if t.startswith("lm_eval:") and r.get("headline")}
+    if lm:
+        out["lm_eval"] = {t: {"metric": h["metric"], "value": h["value"]} for t, h in lm.items()}
     return out
 
 
@@ -220,6 +243,7 @@ def evaluate_model(
     use_cache: bool = True,
     show_progress: bool = True,
     allow_pickle: bool = False,
+    include_path: str | os.PathLike | None = None,
 ) -> dict:
     """Evaluate one model on `tasks` (names from VALID_TASKS or SHORTHANDS) and write the results JSON.
 
@@ -227,6 +251,7 @@ def evaluate_model(
     adapter directory, a `paser.io.models.LoadedModel` or an `EvalModel`; `adapter` applies a
     PEFT adapter on top. `limit` (per task; per capability for heldout) takes a seeded subset;
     perplexity always uses the first `ppl_max_tokens` tokens in windows of `ppl_window`.
+    `include_path`: a directory of the user's lm-eval task YAMLs, for "lm_eval:NAME" tasks.
     Returns the dict written to `out_path` (atomically; None writes nothing).
     """
     from paser.io.cache import atomic_write_json, default_cache_dir, stable_hash
@@ -244,8 +269,10 @@ def evaluate_model(
 
     results: dict[str, dict] = {}
     for task in names:
-        proto = task_protocol(task, limit=limit, seed=seed, ppl_window=ppl_window, ppl_max_tokens=ppl_max_tokens)
-        cpath = cache_root / em.fingerprint / f"{task}-{stable_hash(proto)}.json"
+        proto = task_protocol(task, limit=limit, seed=seed, ppl_window=ppl_window, ppl_max_tokens=ppl_max_tokens,
+                              include_path=include_path)
+        safe = re.sub(r"[^\w.-]", "_", task)  # "lm_eval:NAME": no ':' in file names (Windows)
+        cpath = cache_root / em.fingerprint / f"{safe}-{stable_hash(proto)}.json"
         if use_cache and cpath.exists():
             try:
                 cached = json.loads(cpath.read_text())
@@ -256,7 +283,7 @@ def evaluate_model(
                 log.warning("%s: unreadable cache entry %s; recomputing", task, cpath)
         t0 = time.time()
         res = run_task(em, task, limit=limit, seed=seed, ppl_window=ppl_window, ppl_max_tokens=ppl_max_tokens,
-                       batch_size=bs, show_progress=show_progress)
+                       batch_size=bs, show_progress=show_progress, include_path=include_path)
         secs = time.time() - t0
         if use_cache:
             atomic_write_json(cpath, {"key": proto, "fingerprint": em.fingerprint, "result": res, "seconds": secs})
@@ -277,6 +304,7 @@ def evaluate_model(
         "limit": limit,
         "seed": seed,
         "perplexity": {"window": ppl_window, "max_tokens": ppl_max_tokens},
+        **({"include_path": str(Path(include_path).resolve())} if include_path else {}),
         "batch_size": bs,
         "versions": library_versions(),
         "git_revision": git_revision(),
@@ -293,8 +321,12 @@ def evaluate_model(
 def format_results(results: dict) -> str:
     """The results as a short plain-text table, one line per task."""
     lines = [f"model {results['model']['name']} (fingerprint {results['model']['fingerprint']}), limit {results['limit']}, seed {results['seed']}"]
+    from paser.evaluate import lm_eval_tasks
+
     for task, r in results["results"].items():
-        if "ppl" in r and task in PPL_TASKS:
+        if lm_eval_tasks.is_lm_eval(task):
+            lines += lm_eval_tasks.format_result(r)
+        elif "ppl" in r and task in PPL_TASKS:
             lines.append(f"  {task:<14} perplexity {r['ppl']:.2f} (window {r['window']}, {r['n_tokens']} tokens)")
         elif task == HELDOUT_TASK:
             caps = ", ".join(f"{c} {v['loss']:.3f}±{v['loss_stderr']:.3f}" for c, v in r["capabilities"].items())
