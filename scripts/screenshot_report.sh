@@ -15,7 +15,7 @@ trap 'rm -rf "$profile"' EXIT
 # The flags keep Chromium off the network (this machine has none) and out of the user's profile.
 chromium --headless --no-sandbox --disable-gpu --disable-quic --no-first-run \
   --disable-background-networking --disable-component-update --disable-sync \
-  --user-data-dir="$profile" --hide-scrollbars --window-size=1400,2400 \
+  --user-data-dir="$profile" --hide-scrollbars --window-size=${PASER_SCREENSHOT_SIZE:-1400,2400} \
   --screenshot="$out" "file://$report" >/dev/null 2>&1
 test -s "$out"
 echo "$out"
