@@ -311,3 +311,18 @@ def test_record_text_reads_every_schema():
     assert record_text({"instruction": "Add", "input": "2 and 3", "output": "5"}) == ("Add 2 and 3", "5")
     assert record_text({"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]}) == ("Hi", "Hello")
     assert record_text({"prompt": "Q", "completion": "A"}) == ("Q", "A")
+
+
+def test_lm_eval_tasks_get_their_own_table(tmp_path):
+    from paser.report.experiment import lm_eval_table
+
+    def res(v):
+        return {"results": {"lm_eval:my_task": {"headline": {"metric": "acc,none", "value": v, "stderr": 0.02, "higher_is_better": True}}}}
+
+    rows = [{"method": "random", "budget": "0.1", "seed": 0, "results": res(0.40)},
+            {"method": "paser", "budget": "0.1", "seed": 0, "results": res(0.45)}]
+    header, body = lm_eval_table(rows)
+    assert header == ["Method", "Budget", "Seeds", "my_task acc ↑"] and body[1][3] == "45.0 ± 2.0"
+    write_experiment_report({"rows": rows, "config": {"evaluate": {}}, "pruned_model": "p", "selections": {}}, tmp_path)
+    md = (tmp_path / "report.md").read_text()
+    assert "## lm-evaluation-harness tasks" in md and "| paser | 0.1 | 1 | **45.0 ± 2.0** |" in md

@@ -104,6 +104,38 @@ def build_table(rows: list[dict], cols: list[tuple[str, str, str, float]] | None
     return header, body
 
 
+def lm_eval_table(rows: list[dict]) -> tuple[list[str], list[list[str]]] | None:
+    """The lm_eval:NAME tasks some row has: each task's headline metric (lm-eval's first, e.g.
+    acc,none), value ± stderr for one seed or mean ± std over seeds; None when there are none.
+    Columns end in ↑ or ↓ (lm-eval's higher_is_better), which the best-value marks follow."""
+    heads: dict[str, dict] = {}
+    for row in rows:
+        for t, r in task_results(row.get("results")).items():
+            if t.startswith("lm_eval:") and r.get("headline"):
+                heads.setdefault(t, r["headline"])
+    if not heads:
+        return None
+    arrow = {True: " ↑", False: " ↓"}
+    header = ["Method", "Budget", "Seeds"] + [f"{t[len('lm_eval:'):]} {h['metric'].split(',')[0]}{arrow.get(h.get('higher_is_better'), '')}"
+                                              for t, h in heads.items()]
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["method"], row.get("budget")), []).append(row)
+    body = []
+    for (method, budget), rs in groups.items():
+        ok = [r for r in rs if r.get("results")]
+        cells = [method, "-" if budget is None else str(budget), str(len(ok)) if budget is not None else "-"]
+        for t, h in heads.items():
+            vals = []
+            for r in ok:
+                hr = (task_results(r["results"]).get(t) or {}).get("headline")
+                if hr and hr.get("metric") == h["metric"] and hr.get("value") is not None:
+                    vals.append((hr["value"], hr["stderr"] if hr.get("stderr") is not None else float("nan")))
+            cells.append(_fmt(_agg(vals), 100.0 if h["metric"].split(",")[0].startswith("acc") else 1.0) if vals else "-")
+        body.append(cells)
+    return header, body
+
+
 def choice_logprob_columns(rows: list[dict]) -> list[tuple[str, str, str, float]]:
     """The commonsense tasks present, as mean log-probability of the gold choice (nats)."""
     return [(lab, t, "gold_choice_logprob", 1.0) for lab, t, key, _ in _columns(rows) if key == "acc"]
@@ -331,6 +363,11 @@ def write_experiment_report(summary: dict, root: Path) -> tuple[str, Path]:
                       "Mean over items of log softmax(choice log-likelihoods)[gold], nats; higher is better. "
                       "± standard error (one seed) or std over seeds.",
                       build_table(rows, lp_cols, mean_key="gold_choice_logprob")))
+    lm = lm_eval_table(rows)
+    if lm:
+        extra.append(("lm-evaluation-harness tasks",
+                      "Tasks run with --tasks lm_eval:NAME: lm-eval's own prompts and metrics on the same models "
+                      "(its first metric per task; acc in %). ± stderr (one seed) or std over seeds.", lm))
     methods = {r["method"] for r in rows}
     for ref in ("random", "pruned, no recovery"):
         pt = paired_table(rows, ref) if ref in methods else None

@@ -134,6 +134,8 @@ def verdicts(summary: dict) -> list[str]:
 def column_direction(label: str) -> str | None:
     """'min' or 'max' for a metric column of the report's tables; None for the others."""
     low = label.lower()
+    if label.endswith(("↑", "↓")):  # lm-eval columns carry lm-eval's own direction
+        return "max" if label.endswith("↑") else "min"
     if label.startswith("Δ gold") or label in ("Mean", "Mean acc"):
         return "max"
     if any(w in low for w in ("ppl", "loss", "jsd", "nll")):
