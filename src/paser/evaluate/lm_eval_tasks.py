@@ -76,10 +76,17 @@ def _tree_hash(root: Path) -> str:
 
 def protocol(task: str, *, limit, seed, include_path=None) -> dict:
     """What besides the model decides an lm-eval task's numbers (the cache key's payload)."""
-    import lm_eval
-
-    return {"task": task, "protocol": PROTOCOL, "limit": limit, "seed": seed, "lm_eval": lm_eval.__version__,
+    return {"task": task, "protocol": PROTOCOL, "limit": limit, "seed": seed, "lm_eval": _lm_eval_version(),
             "include": [_tree_hash(p) for p in include_paths(include_path)]}
+
+
+def _lm_eval_version() -> str:
+    """lm-eval's version; a clear line when it is not installed (it is an optional part)."""
+    try:
+        import lm_eval
+    except ImportError:
+        raise PaserError("lm_eval: tasks need lm-evaluation-harness: pip install 'lm-eval>=0.4.9'") from None
+    return lm_eval.__version__
 
 
 @contextlib.contextmanager
@@ -111,12 +118,19 @@ def offline():
 def _quiet_lm_eval():
     """lm-eval logs every step at INFO and warns that a loaded model is "not of type str" (which
     is how it is meant to be used here); keep that out of paser's output unless --verbose."""
+    from unittest import mock
+
+    import lm_eval.evaluator
+
     lg = logging.getLogger("lm_eval")
     old = lg.level
     if not logging.getLogger().isEnabledFor(logging.DEBUG):
         lg.setLevel(logging.ERROR)
+    # lm-eval runs `git describe` in the working directory for its own results, which prints
+    # "fatal: not a git repository" outside one; paser records its own git revision instead.
     try:
-        yield
+        with mock.patch.object(lm_eval.evaluator, "get_git_commit_hash", lambda: None):
+            yield
     finally:
         lg.setLevel(old)
 
@@ -232,13 +246,11 @@ def run(model, tokenizer, task: str, *, limit: int | None, seed: int, batch_size
         # preparing every doc of the full file for lm-eval to pick from
         metadata, limit = {"paser_limit": limit, "paser_seed": seed}, None
     where = "built-in tasks" + (f" and {include_path}" if include_path else "")
+    _lm_eval_version()
     with offline(), _quiet_lm_eval():
-        try:
-            from lm_eval import simple_evaluate
-            from lm_eval.models.huggingface import HFLM
-            from lm_eval.tasks import TaskManager
-        except ImportError:
-            raise PaserError("lm_eval: tasks need lm-evaluation-harness: pip install 'lm-eval>=0.4.9'") from None
+        from lm_eval import simple_evaluate
+        from lm_eval.models.huggingface import HFLM
+        from lm_eval.tasks import TaskManager
         from paser.evaluate.zeroshot import subset_indices
 
         # paser's and the user's own tasks first, without indexing lm-eval's thousands of
