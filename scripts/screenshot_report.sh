@@ -2,6 +2,7 @@
 # Renders an experiment report (report.html) in real headless Chromium and saves a PNG, so a
 # person can check that the page opens and its plots are readable.
 #   bash scripts/screenshot_report.sh runs/demo/report.html [out.png]
+# PASER_SCREENSHOT_SIZE=W,H sets the window (default 1400,2400; e.g. 1400,5200 for the whole page).
 # Needs Debian's chromium (apt-get install chromium); installs it when missing and root.
 set -euo pipefail
 report="$(realpath "${1:-runs/demo/report.html}")"

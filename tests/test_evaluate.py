@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -378,3 +379,22 @@ def test_shipped_task_yamls_work_with_a_plain_lm_eval_include_path():
     assert task.doc_to_text(docs[0]) == it.requests[0][0]  # lm-eval's prompt is paser's
     full = TaskManager(include_path=str(TASKS_DIR), include_defaults=False).load(["paser_boolq"])["tasks"]["paser_boolq"]
     assert len(full.eval_docs) == len(load_commonsense("boolq"))
+
+
+def test_lm_eval_runs_are_offline_unless_the_user_opts_in(monkeypatch):
+    """No network at run time: the hub and datasets flags (read at import time) are forced on for
+    the run and put back after; HF_HUB_OFFLINE=0 set by the user lets lm-eval download."""
+    import datasets.config
+    import huggingface_hub.constants as hub
+
+    from paser.evaluate.lm_eval_tasks import offline
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    with offline():
+        assert hub.HF_HUB_OFFLINE and datasets.config.HF_HUB_OFFLINE and os.environ["HF_HUB_OFFLINE"] == "1"
+    assert not hub.HF_HUB_OFFLINE and not datasets.config.HF_HUB_OFFLINE and "HF_HUB_OFFLINE" not in os.environ
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    with offline():
+        assert not hub.HF_HUB_OFFLINE
