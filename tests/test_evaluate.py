@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -232,18 +233,20 @@ def test_adapter_without_base_is_a_clear_error(tmp_path):
         runner.load_for_evaluation(str(tmp_path))
 
 
-@pytest.mark.slow
-def test_lm_eval_agrees_on_tiny_model(tiny, tmp_path):
+def test_lm_eval_agrees_on_tiny_model(tiny):
+    """lm-eval itself (its HFLM on the loaded model, the shipped YAMLs) and paser's scorer on the
+    same seeded items: every per-choice log-likelihood within 1e-4 (the bound the README states,
+    against lm-eval with a float64 log-softmax; see zeroshot's notes), acc and acc_norm equal."""
     pytest.importorskip("lm_eval")
     from paser.evaluate.tasks import lm_eval_crosscheck
 
     model, tok = tiny
-    tasks = ["boolq", "winogrande", "hellaswag"]
-    ref = lm_eval_crosscheck(model, tok, tasks, limit=4, seed=2, work_dir=tmp_path)
+    tasks = ["boolq", "winogrande", "hellaswag"]  # two choices; partial scoring; long continuations
+    ref = lm_eval_crosscheck(model, tok, tasks, limit=6, seed=2)
     for t in tasks:
-        ours = zeroshot.evaluate_task(model, tok, t, limit=4, seed=2, show_progress=False)
+        ours = zeroshot.evaluate_task(model, tok, t, limit=6, seed=2, show_progress=False)
         assert ours.indices == ref[t]["indices"]
-        np.testing.assert_allclose(ours.lls, ref[t]["lls"], atol=2e-4)
+        np.testing.assert_allclose(np.concatenate(ours.lls), np.concatenate(ref[t]["lls"]), rtol=0, atol=1e-4)
         assert ours.metrics["acc"] == pytest.approx(ref[t]["acc"])
         assert ours.metrics["acc_norm"] == pytest.approx(ref[t]["acc_norm"])
 
@@ -270,3 +273,128 @@ def test_real_model_small(tmp_path):
     for task in ("arc_easy", "piqa"):
         assert math.isfinite(r[task]["gold_choice_logprob"]) and r[task]["gold_choice_logprob"] < 0
         assert 0.0 <= r[task]["acc"] <= 1.0 and 0.0 <= r[task]["acc_norm"] <= 1.0
+
+
+# ----------------------------------------------------------------------------- lm-eval tasks
+
+
+def _local_lm_eval_task(root, n: int = 12):
+    """A tiny lm-eval task of the user's own: a YAML and its JSONL data, nothing downloaded."""
+    data = root / "yesno.jsonl"
+    data.write_text("".join(json.dumps({"q": f"Is {i} an even number?", "label": int(i % 2 == 0)}) + "\n" for i in range(n)))
+    (root / "yesno.yaml").write_text(
+        "task: my_yesno\n"
+        "dataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {data}\n"  # lm-eval resolves relative paths from the cwd
+        "test_split: test\n"
+        "output_type: multiple_choice\n"
+        'doc_to_text: "Question: {{q}}\\nAnswer:"\n'
+        'doc_to_choice: ["no", "yes"]\n'
+        "doc_to_target: label\n"
+        "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
+        "metadata:\n  version: 1.0\n"
+    )
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tiny, tmp_path_factory):
+    model, tok = tiny
+    d = tmp_path_factory.mktemp("tiny_model")
+    model.save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+def test_cli_evaluates_a_local_lm_eval_task_offline(tiny, tiny_dir, tmp_path, monkeypatch, capsys):
+    """`paser evaluate --tasks lm_eval:NAME --include-path DIR`: lm-eval's own scoring of the
+    user's task on the loaded model, the seeded subset, paser's results file and cache."""
+    pytest.importorskip("lm_eval")
+    from paser.cli import main
+
+    (tmp_path / "tasks_dir").mkdir()
+    inc = _local_lm_eval_task(tmp_path / "tasks_dir")
+    monkeypatch.setenv("PASER_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "r.json"
+    argv = ["evaluate", "--model", str(tiny_dir), "--tasks", "lm_eval:my_yesno,arc_easy", "--include-path", str(inc),
+            "--limit", "5", "--seed", "1", "--out", str(out), "--batch-size", "4"]
+    assert main(argv) == 0
+    assert "lm_eval:my_yesno" in capsys.readouterr().out
+    res = json.loads(out.read_text())
+    r = res["results"]["lm_eval:my_yesno"]
+    assert r["n"] == {"my_yesno": 5} and r["n_total"] == {"my_yesno": 12} and not r["cached"]
+    assert r["headline"]["metric"] == "acc,none" and 0.0 <= r["headline"]["value"] <= 1.0
+    items = r["items"]["my_yesno"]
+    assert items["indices"] == zeroshot.subset_indices(12, 5, 1)  # the same subset rule as paser's tasks
+    # lm-eval's per-choice log-likelihoods are those of paser's own scorer on the same requests
+    model, tok = tiny
+    reqs = [(f"Question: Is {i} an even number?\nAnswer:", f" {c}") for i in items["indices"] for c in ("no", "yes")]
+    ours = zeroshot.loglikelihoods(model, tok, reqs, show_progress=False)
+    np.testing.assert_allclose(np.concatenate(items["lls"]), ours, atol=1e-4)
+    assert r["headline"]["value"] == pytest.approx(np.mean([float(np.argmax(ll) == g) for ll, g in zip(items["lls"], items["golds"])]))
+    assert res["summary"]["lm_eval"]["lm_eval:my_yesno"]["metric"] == "acc,none" and "mean_acc" in res["summary"]
+    # the second run reads both tasks from the cache
+    assert main(argv) == 0
+    again = json.loads(out.read_text())["results"]
+    assert again["lm_eval:my_yesno"]["cached"] and again["arc_easy"]["cached"]
+    assert again["lm_eval:my_yesno"]["headline"] == r["headline"]
+
+
+@pytest.mark.slow  # a name found nowhere needs lm-eval's whole registry indexed (~10 s)
+def test_unknown_lm_eval_task_is_one_line(tiny_dir, tmp_path, capsys):
+    pytest.importorskip("lm_eval")
+    from paser.cli import main
+
+    inc = _local_lm_eval_task(tmp_path)
+    assert main(["evaluate", "--model", str(tiny_dir), "--tasks", "lm_eval:my_yesnoo", "--include-path", str(inc),
+                 "--out", str(tmp_path / "r.json")]) == 2
+    err = capsys.readouterr().err
+    assert "lm-eval has no task 'my_yesnoo'" in err and "my_yesno" in err and "Traceback" not in err
+
+
+def test_lm_eval_task_errors_are_one_line(tiny_dir, tmp_path):
+    pytest.importorskip("lm_eval")
+    with pytest.raises(PaserError, match="not a directory"):
+        runner.evaluate_model(str(tiny_dir), ["lm_eval:my_yesno"], limit=2, seed=0, out_path=None,
+                              include_path=tmp_path / "missing", use_cache=False, show_progress=False)
+    with pytest.raises(PaserError, match="give an lm-eval task name"):
+        runner.resolve_tasks("lm_eval:")
+    assert runner.resolve_tasks("ppl,lm_eval:MyTask,lm_eval:MyTask") == ["wikitext2", "ptb", "lm_eval:MyTask"]
+
+
+def test_shipped_task_yamls_work_with_a_plain_lm_eval_include_path():
+    """What `lm_eval --include_path paser/evaluate/tasks --tasks paser_arc_easy --metadata
+    '{"paser_limit": 5, "paser_seed": 2}'` does: no data file to fill in, paser's seeded subset."""
+    pytest.importorskip("lm_eval")
+    from lm_eval.tasks import TaskManager
+
+    from paser.evaluate.tasks import TASKS_DIR
+
+    tm = TaskManager(include_path=str(TASKS_DIR), include_defaults=False, metadata={"paser_limit": 5, "paser_seed": 2})
+    assert {f"paser_{t}" for t in COMMONSENSE_TASKS} <= set(tm.all_tasks)
+    task = tm.load(["paser_arc_easy"])["tasks"]["paser_arc_easy"]
+    docs = list(task.eval_docs)
+    assert [d["paser_index"] for d in docs] == zeroshot.subset_indices(len(load_commonsense("arc_easy")), 5, 2)
+    it = zeroshot.format_item("arc_easy", load_commonsense("arc_easy")[docs[0]["paser_index"]], 0)
+    assert task.doc_to_text(docs[0]) == it.requests[0][0]  # lm-eval's prompt is paser's
+    full = TaskManager(include_path=str(TASKS_DIR), include_defaults=False).load(["paser_boolq"])["tasks"]["paser_boolq"]
+    assert len(full.eval_docs) == len(load_commonsense("boolq"))
+
+
+def test_lm_eval_runs_are_offline_unless_the_user_opts_in(monkeypatch):
+    """No network at run time: the hub and datasets flags (read at import time) are forced on for
+    the run and put back after; HF_HUB_OFFLINE=0 set by the user lets lm-eval download."""
+    import datasets.config
+    import huggingface_hub.constants as hub
+
+    from paser.evaluate.lm_eval_tasks import offline
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    with offline():
+        assert hub.HF_HUB_OFFLINE and datasets.config.HF_HUB_OFFLINE and os.environ["HF_HUB_OFFLINE"] == "1"
+    assert not hub.HF_HUB_OFFLINE and not datasets.config.HF_HUB_OFFLINE and "HF_HUB_OFFLINE" not in os.environ
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    with offline():
+        assert not hub.HF_HUB_OFFLINE

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -163,3 +164,165 @@ def test_composition_table_counts_capabilities_and_skips_pools_without_them():
     assert body[0] == ["paser-b0.1-s0", "3 (75 %)", "0 (0 %)", "1 (25 %)", "4", "1,234"]
     assert body[1][2] == "4 (100 %)" and body[1][-1] == "-"
     assert composition_table({"rows": [], "selections": {"x": {"selected": 3, "capabilities": {}}}}) is None
+
+
+# ----------------------------------------------------------------------------- a report that answers
+
+
+def _selection_dir(root):
+    """A PASER selection directory as `paser select` writes it: report.json (per-cluster sizes,
+    CDS, budgets), scores.parquet (cluster, concepts, decision, ies per pool record) and the
+    selected records (one Alpaca record with a long instruction, one OpenAI `messages` record)."""
+    from paser.io.cache import atomic_write_json, write_parquet_atomic
+
+    root.mkdir(parents=True)
+    atomic_write_json(root / "report.json", {"clusters": {"k": 2, "sizes": [3, 2], "cds": [0.21, 0.12], "n_k": [2, 1],
+                                                           "selected": [2, 1], "top_sources": [{"alpaca": 3}, {"chat": 2}]}})
+    write_parquet_atomic(root / "scores.parquet", {
+        "id": ["a", "b", "c", "d", "e"],
+        "cluster": [0, 0, 0, 1, 1],
+        "concepts": [["photosynthesis process", "green plant"], ["photosynthesis process"], ["solar energy"], ["prime number"], []],
+        "decision": ["selected", "selected", "over_budget", "ntm_conflict", "selected"],
+        "ies": [0.5, 0.9, 0.7, 0.8, 0.1],
+    })
+    long = "Explain how photosynthesis turns light into chemical energy " * 5
+    recs = [{"id": "a", "instruction": long, "input": "", "output": "Plants use chlorophyll."},
+            {"id": "b", "instruction": "Name a green plant.", "input": "", "output": "Fern."},
+            {"id": "e", "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Is 7 prime?"},
+                                     {"role": "assistant", "content": "Yes, 7 is prime."}]}]
+    (root / "selected.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    return root
+
+
+def _answering_summary(tmp_path, budgets=("0.1",)):
+    rng = np.random.default_rng(5)
+    rows = [{"method": "pruned, no recovery", "budget": None, "seed": None, "results": _result(rng, 0.5)}]
+    for b in budgets:
+        for s in range(2):
+            rows.append({"method": "random", "budget": b, "seed": s, "results": _result(rng, 0.2),
+                         "recovery": {"tokens_trained": 3000 + s, "seconds_total": 100.0}})
+            rows.append({"method": "paser", "budget": b, "seed": s, "results": _result(rng, 0.1),
+                         "recovery": {"tokens_trained": 2000, "seconds_total": 80.0}})
+    for r in rows:  # as the held-out task records it: every capability and all of them
+        h = r["results"]["results"]["heldout"]
+        h["capabilities"]["all"] = {"loss": float(np.mean(h["record_loss"])), "loss_stderr": 0.1}
+    sel = _selection_dir(tmp_path / "select" / "paser-b0.1-s0")
+    selections = {"paser-b0.1-s0": {"dir": str(sel), "seconds": 20.0}, "paser-b0.1-s1": {"dir": str(sel), "seconds": 20.0},
+                  "random-b0.1-s0": {"seconds": 0.1}}
+    return {"rows": rows, "config": {"evaluate": {}}, "pruned_model": "p", "selections": selections, "costs_s": {}}
+
+
+def test_report_opens_with_a_verdict_and_shows_clusters_with_examples(tmp_path):
+    out = tmp_path / "rep"
+    out.mkdir()
+    summary = _answering_summary(tmp_path)
+    printed, html_path = write_experiment_report(summary, out)
+    md, page = (out / "report.md").read_text(), html_path.read_text()
+    # the verdict comes first: which method, on what, by how much (paired against random), at what cost
+    verdict = md[md.index("## Verdict"):md.index("Pruned model")]
+    assert md.index("## Verdict") < md.index("| Method |")
+    assert "on held-out loss, all capabilities" in verdict and "**paser** is best" in verdict
+    mu, se, n = paired_difference([r["results"] for r in summary["rows"] if r["method"] == "paser"],
+                                  [r["results"] for r in summary["rows"] if r["method"] == "random"], "heldout", "all")
+    assert f"Paired paser − random: {mu:+.3f} ± {se:.3f} nats over {n} records" in verdict and "beyond 2 paired SE" in verdict
+    assert "paser 2,000 trained tokens, 100 s" in verdict and "random 3,000 trained tokens, 100 s" in verdict  # 80+20; 100+0.1
+    assert "<section class=\"verdict\">" in page and "<strong>paser</strong> is best" in page and printed.startswith("Verdict: ")
+    # the best value per column: bold in Markdown, a class in HTML; paser has the lower losses
+    paser_line = next(line for line in md.splitlines() if line.startswith("| paser | 0.1 | 2 |"))
+    assert paser_line.count("**") >= 2 * 4 and "**" not in next(line for line in md.splitlines() if line.startswith("| random | 0.1 | 2 |"))
+    assert 'class="best"' in page and "td {{ white-space: nowrap; }}".replace("{{", "{").replace("}}", "}") in page
+    # per cluster: size, CDS, budget, key phrases, two selected examples (truncated), either schema
+    clusters = md[md.index("## Clusters of paser-b0.1-s0"):md.index("## Costs")]
+    row0 = next(line for line in clusters.splitlines() if line.startswith("| 0 |"))
+    assert "| 3 | 0.2100 | 2 | 2 | photosynthesis process, green plant, solar energy |" in row0
+    assert row0.index("Name a green plant.") < row0.index("Explain how photosynthesis")  # the higher IES first
+    assert "…" in row0 and len(row0) < 600
+    row1 = next(line for line in clusters.splitlines() if line.startswith("| 1 |"))
+    assert "Is 7 prime? → Yes, 7 is prime." in row1 and "prime number" in row1  # a rejected record's phrase still counts
+    assert "Name a green plant." in page and "paser-b0.1-s1" in clusters  # where the other selections are
+
+
+def test_verdict_when_random_wins_reports_paser_against_random():
+    from paser.report.verdict import verdicts
+
+    rng = np.random.default_rng(6)
+    rows = [*[{"method": "random", "budget": "50", "seed": s, "results": _result(rng, 0.0)} for s in range(2)],
+            *[{"method": "paser", "budget": "50", "seed": s, "results": _result(rng, 0.05)} for s in range(2)],
+            {"method": "full", "budget": "50", "seed": 0, "results": _result(rng, -0.5)}]
+    (v,) = verdicts({"rows": rows})
+    assert "**random** is best" in v and "Paired paser − random: +0.05" in v and "For reference, full data" in v
+    assert "time not recorded" in v  # nothing recorded is said, not invented
+    for r in rows:  # without held-out loss the primary metric is WikiText-2 perplexity
+        del r["results"]["results"]["heldout"]
+    (v,) = verdicts({"rows": rows})
+    assert "WikiText-2 perplexity" in v and "nats of NLL over 8 windows" in v
+
+
+def test_best_cells_compare_selection_methods_per_budget():
+    from paser.report.verdict import best_cells
+
+    header = ["Method", "Budget", "Seeds", "WikiText-2 PPL", "PIQA", "Mean acc", "held-out loss all"]
+    body = [["dense (unpruned)", "-", "-", "20.0", "70.0 ± 1.0", "70.0", "1.000"],  # a reference: never marked
+            ["paser", "0.1", "3", "30.1 ± 0.2", "60.0 ± 1.0", "55.0", "2.000 ± 0.010"],
+            ["random", "0.1", "3", "29.9 ± 0.2", "60.0 ± 1.0", "54.0", "2.000 ± 0.020"],
+            ["full", "0.1", "1", "25.0", "65.0", "60.0", "1.500"],  # full data: a reference too
+            ["paser", "0.2", "3", "28.0", "61.0", "56.0", "1.900"]]  # alone at its budget: nothing to compare
+    assert best_cells(header, body) == {(2, 3), (1, 5)}  # lower PPL; higher mean; PIQA and loss tie: no mark
+
+
+def test_metrics_vs_budget_plot_only_with_two_budgets(tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.mkdir(), two.mkdir()
+    s1 = _answering_summary(tmp_path / "a")
+    for r in s1["rows"]:
+        r["results"]["summary"] = {"mean_acc": 0.5, "wikitext2_ppl": 30.0}
+    write_experiment_report(s1, one)
+    assert not (one / "metrics_vs_budget.png").exists() and "metrics_vs_budget" not in (one / "report.md").read_text()
+    s2 = _answering_summary(tmp_path / "b", budgets=("0.1", "0.2"))
+    for r in s2["rows"]:
+        r["results"]["summary"] = {"mean_acc": 0.5, "wikitext2_ppl": 30.0}
+    write_experiment_report(s2, two)
+    assert (two / "metrics_vs_budget.png").stat().st_size > 10_000 and "metrics_vs_budget.png" in (two / "report.md").read_text()
+    assert len(verdict_lines := [x for x in (two / "report.md").read_text().splitlines() if x.startswith("- At budget")]) == 2, verdict_lines
+
+
+def test_cluster_map_labels_do_not_overlap(tmp_path):
+    from paser.report.plots import plot_cluster_map, spread_labels
+
+    rng = np.random.default_rng(0)
+    centres = np.r_[rng.normal(0, 0.01, (12, 2)), [[1.0, 1.0], [1.0, 1.0]]]  # twelve crowded, two identical
+    labels = np.repeat(np.arange(14), 20)
+    coords = centres[labels] + rng.normal(0, 0.005, (280, 2))
+    box = (0.055, 0.045)
+    places = plot_cluster_map(coords, labels, rng.uniform(0.1, 0.2, 14), tmp_path / "map.png")
+    assert (tmp_path / "map.png").stat().st_size > 10_000 and places.shape == (14, 2)
+    for i in range(14):
+        for j in range(i + 1, 14):
+            dx, dy = np.abs(places[i] - places[j])
+            assert dx >= box[0] - 1e-6 or dy >= box[1] - 1e-6, (i, j, places[i], places[j])
+    assert ((places >= 0) & (places <= 1)).all()
+    far = spread_labels(np.array([[0.2, 0.2], [0.8, 0.8]]), box)
+    assert np.allclose(far, [[0.2, 0.2], [0.8, 0.8]])  # labels with room stay on their cluster
+
+
+def test_record_text_reads_every_schema():
+    from paser.report.clusters import record_text
+
+    assert record_text({"instruction": "Add", "input": "2 and 3", "output": "5"}) == ("Add 2 and 3", "5")
+    assert record_text({"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]}) == ("Hi", "Hello")
+    assert record_text({"prompt": "Q", "completion": "A"}) == ("Q", "A")
+
+
+def test_lm_eval_tasks_get_their_own_table(tmp_path):
+    from paser.report.experiment import lm_eval_table
+
+    def res(v):
+        return {"results": {"lm_eval:my_task": {"headline": {"metric": "acc,none", "value": v, "stderr": 0.02, "higher_is_better": True}}}}
+
+    rows = [{"method": "random", "budget": "0.1", "seed": 0, "results": res(0.40)},
+            {"method": "paser", "budget": "0.1", "seed": 0, "results": res(0.45)}]
+    header, body = lm_eval_table(rows)
+    assert header == ["Method", "Budget", "Seeds", "my_task acc ↑"] and body[1][3] == "45.0 ± 2.0"
+    write_experiment_report({"rows": rows, "config": {"evaluate": {}}, "pruned_model": "p", "selections": {}}, tmp_path)
+    md = (tmp_path / "report.md").read_text()
+    assert "## lm-evaluation-harness tasks" in md and "| paser | 0.1 | 1 | **45.0 ± 2.0** |" in md

@@ -135,6 +135,7 @@ def evaluate(args: EvaluateArgs | None = None, **kwargs) -> str:
         allow_pickle=a.allow_pickle,
         reference=a.reference,
         heldout_split=a.heldout_split,
+        include_path=a.include_path,
     )
     return format_results(results) + f"\nresults written to {a.out}"
 

@@ -229,6 +229,7 @@ def run_pipeline(config_path: str | Path, out: str | None = None) -> str:
                     cache_dir=(Path(cfg.cache_dir) / "eval") if cfg.cache_dir else None,
                     reference=ev.get("reference", cfg.original),
                     heldout_split=ev.get("heldout_split", "test"),
+                    include_path=ev.get("include_path"),
                 )
                 res["limits"] = {t: limit for t in group}
                 if merged is None:

@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -49,21 +50,31 @@ _ALIASES = {"wikitext": "wikitext2", "wikitext-2": "wikitext2", "arc_e": "arc_ea
 
 
 def resolve_tasks(tasks: list[str] | tuple[str, ...] | str) -> list[str]:
-    """Expand shorthands ("all", "commonsense", "ppl") and comma lists; keep order, no repeats."""
+    """Expand shorthands ("all", "commonsense", "ppl") and comma lists; keep order, no repeats.
+    "lm_eval:NAME" names any lm-evaluation-harness task (kept as typed: lm-eval's names are
+    case-sensitive)."""
+    from paser.evaluate import lm_eval_tasks
+
     if isinstance(tasks, str):
         tasks = [tasks]
     out: list[str] = []
     for raw in tasks:
-        for name in (n.strip().lower() for n in str(raw).split(",")):
+        for name in (n.strip() for n in str(raw).split(",")):
             if not name:
                 continue
+            if name.lower().startswith(lm_eval_tasks.PREFIX):
+                name = lm_eval_tasks.PREFIX + lm_eval_tasks.task_name(name)
+                if name not in out:
+                    out.append(name)
+                continue
+            name = name.lower()
             name = _ALIASES.get(name, name)
             expanded = SHORTHANDS.get(name, (name,))
             for t in expanded:
                 if t not in VALID_TASKS:
                     raise PaserError(
                         f"unknown evaluation task {raw!r}; valid: {', '.join(VALID_TASKS)} "
-                        f"(or {', '.join(SHORTHANDS)})"
+                        f"(or {', '.join(SHORTHANDS)}, or lm_eval:NAME for any lm-evaluation-harness task)"
                     )
                 if t not in out:
                     out.append(t)
@@ -161,9 +172,12 @@ def _default_batch_size(device: torch.device) -> int:
 
 
 def task_protocol(task: str, *, limit, seed, ppl_window, ppl_max_tokens, heldout_template="alpaca", heldout_cutoff=256,
-                  split: str = "test", reference: str | None = None) -> dict:
+                  split: str = "test", reference: str | None = None, include_path=None) -> dict:
     """Everything besides the model that decides a task's numbers (the cache key's payload)."""
-    from paser.evaluate import heldout, zeroshot
+    from paser.evaluate import heldout, lm_eval_tasks, zeroshot
+
+    if lm_eval_tasks.is_lm_eval(task):
+        return lm_eval_tasks.protocol(task, limit=limit, seed=seed, include_path=include_path)
 
     if task in PPL_TASKS:
         return {"task": task, "protocol": "ppl-v1:non-overlapping-windows", "window": ppl_window, "max_tokens": ppl_max_tokens}
@@ -194,10 +208,14 @@ def _reference_model(spec):
 
 
 def run_task(em: EvalModel, task: str, *, limit, seed, ppl_window, ppl_max_tokens, batch_size, show_progress=True,
-             split: str = "test", reference=None, cache_dir=None) -> dict:
+             split: str = "test", reference=None, cache_dir=None, include_path=None) -> dict:
     """Compute one task's result dict (no caching of the result itself)."""
-    from paser.evaluate import heldout, zeroshot
+    from paser.evaluate import heldout, lm_eval_tasks, zeroshot
     from paser.evaluate.perplexity import corpus_perplexity
+
+    if lm_eval_tasks.is_lm_eval(task):
+        return lm_eval_tasks.run(em.model, em.tokenizer, task, limit=limit, seed=seed, batch_size=batch_size,
+                                 include_path=include_path)
 
     if task in PPL_TASKS:
         r = corpus_perplexity(em.model, em.tokenizer, task, window=ppl_window, max_tokens=ppl_max_tokens,
@@ -234,6 +252,9 @@ def summarise(results: dict[str, dict]) -> dict:
         out["heldout_loss"] = {c: v["loss"] for c, v in results[HELDOUT_TASK]["capabilities"].items()}
     if HELDOUT_JSD_TASK in results:
         out["heldout_jsd"] = {c: v["jsd"] for c, v in results[HELDOUT_JSD_TASK]["capabilities"].items()}
+    lm = {t: r["headline"] for t, r in results.items() if t.startswith("lm_eval:") and r.get("headline")}
+    if lm:
+        out["lm_eval"] = {t: {"metric": h["metric"], "value": h["value"]} for t, h in lm.items()}
     return out
 
 
@@ -254,6 +275,7 @@ def evaluate_model(
     allow_pickle: bool = False,
     reference: str | None = "smollm2-135m",
     heldout_split: str = "test",
+    include_path: str | os.PathLike | None = None,
 ) -> dict:
     """Evaluate one model on `tasks` (names from VALID_TASKS or SHORTHANDS) and write the results JSON.
 
@@ -264,6 +286,7 @@ def evaluate_model(
     `reference`: the original model that `heldout_jsd` measures against (a spec or a
     LoadedModel); `heldout_split`: "test" (the 600 held-out records) or "dev" (the dev split,
     for tuning options) for both held-out tasks.
+    `include_path`: a directory of the user's lm-eval task YAMLs, for "lm_eval:NAME" tasks.
     Returns the dict written to `out_path` (atomically; None writes nothing).
     """
     from paser.io.cache import atomic_write_json, default_cache_dir, stable_hash
@@ -283,8 +306,9 @@ def evaluate_model(
     for task in names:
         ref_name = reference if isinstance(reference, (str, os.PathLike)) or reference is None else reference.fingerprint
         proto = task_protocol(task, limit=limit, seed=seed, ppl_window=ppl_window, ppl_max_tokens=ppl_max_tokens,
-                              split=heldout_split, reference=None if ref_name is None else str(ref_name))
-        cpath = cache_root / em.fingerprint / f"{task}-{stable_hash(proto)}.json"
+                              split=heldout_split, reference=None if ref_name is None else str(ref_name), include_path=include_path)
+        safe = re.sub(r"[^\w.-]", "_", task)  # "lm_eval:NAME": no ':' in file names (Windows)
+        cpath = cache_root / em.fingerprint / f"{safe}-{stable_hash(proto)}.json"
         if use_cache and cpath.exists():
             try:
                 cached = json.loads(cpath.read_text())
@@ -296,7 +320,7 @@ def evaluate_model(
         t0 = time.time()
         res = run_task(em, task, limit=limit, seed=seed, ppl_window=ppl_window, ppl_max_tokens=ppl_max_tokens,
                        batch_size=bs, show_progress=show_progress, split=heldout_split, reference=reference,
-                       cache_dir=cache_root.parent if cache_dir is None else cache_root)
+                       cache_dir=cache_root.parent if cache_dir is None else cache_root, include_path=include_path)
         secs = time.time() - t0
         if use_cache:
             # A private cache read back only here: strict=False keeps NaN (e.g. the standard error of
@@ -319,6 +343,7 @@ def evaluate_model(
         "limit": limit,
         "seed": seed,
         "perplexity": {"window": ppl_window, "max_tokens": ppl_max_tokens},
+        **({"include_path": str(Path(include_path).resolve())} if include_path else {}),
         "batch_size": bs,
         "versions": library_versions(),
         "git_revision": git_revision(),
@@ -335,8 +360,12 @@ def evaluate_model(
 def format_results(results: dict) -> str:
     """The results as a short plain-text table, one line per task."""
     lines = [f"model {results['model']['name']} (fingerprint {results['model']['fingerprint']}), limit {results['limit']}, seed {results['seed']}"]
+    from paser.evaluate import lm_eval_tasks
+
     for task, r in results["results"].items():
-        if "ppl" in r and task in PPL_TASKS:
+        if lm_eval_tasks.is_lm_eval(task):
+            lines += lm_eval_tasks.format_result(r)
+        elif "ppl" in r and task in PPL_TASKS:
             lines.append(f"  {task:<14} perplexity {r['ppl']:.2f} (window {r['window']}, {r['n_tokens']} tokens)")
         elif task == HELDOUT_TASK:
             caps = ", ".join(f"{c} {v['loss']:.3f}±{v['loss_stderr']:.3f}" for c, v in r["capabilities"].items())

@@ -107,6 +107,38 @@ def build_table(rows: list[dict], cols: list[tuple[str, str, str, float]] | None
     return header, body
 
 
+def lm_eval_table(rows: list[dict]) -> tuple[list[str], list[list[str]]] | None:
+    """The lm_eval:NAME tasks some row has: each task's headline metric (lm-eval's first, e.g.
+    acc,none), value ± stderr for one seed or mean ± std over seeds; None when there are none.
+    Columns end in ↑ or ↓ (lm-eval's higher_is_better), which the best-value marks follow."""
+    heads: dict[str, dict] = {}
+    for row in rows:
+        for t, r in task_results(row.get("results")).items():
+            if t.startswith("lm_eval:") and r.get("headline"):
+                heads.setdefault(t, r["headline"])
+    if not heads:
+        return None
+    arrow = {True: " ↑", False: " ↓"}
+    header = ["Method", "Budget", "Seeds"] + [f"{t[len('lm_eval:'):]} {h['metric'].split(',')[0]}{arrow.get(h.get('higher_is_better'), '')}"
+                                              for t, h in heads.items()]
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["method"], row.get("budget")), []).append(row)
+    body = []
+    for (method, budget), rs in groups.items():
+        ok = [r for r in rs if r.get("results")]
+        cells = [method, "-" if budget is None else str(budget), str(len(ok)) if budget is not None else "-"]
+        for t, h in heads.items():
+            vals = []
+            for r in ok:
+                hr = (task_results(r["results"]).get(t) or {}).get("headline")
+                if hr and hr.get("metric") == h["metric"] and hr.get("value") is not None:
+                    vals.append((hr["value"], hr["stderr"] if hr.get("stderr") is not None else float("nan")))
+            cells.append(_fmt(_agg(vals), 100.0 if h["metric"].split(",")[0].startswith("acc") else 1.0) if vals else "-")
+        body.append(cells)
+    return header, body
+
+
 def choice_logprob_columns(rows: list[dict]) -> list[tuple[str, str, str, float]]:
     """The commonsense tasks present, as mean log-probability of the gold choice (nats)."""
     return [(lab, t, "gold_choice_logprob", 1.0) for lab, t, key, _ in _columns(rows) if key == "acc"]
@@ -124,9 +156,14 @@ def _fmt(v: tuple[float, float, int], scale: float, task: str = "") -> str:
     return s + (f" ± {err * scale:.{digits}f}" if not math.isnan(err) else "")
 
 
-def markdown_table(header: list[str], body: list[list[str]]) -> str:
+def markdown_table(header: list[str], body: list[list[str]], best: set[tuple[int, int]] | None = None) -> str:
+    """A Markdown table; cells in `best` ((row, column) pairs) in bold."""
+    def cell(i: int, j: int, c: str) -> str:
+        c = c.replace("|", "\\|")
+        return f"**{c}**" if best and (i, j) in best else c
+
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(r) + " |" for r in body]
+    lines += ["| " + " | ".join(cell(i, j, c) for j, c in enumerate(r)) + " |" for i, r in enumerate(body)]
     return "\n".join(lines)
 
 
@@ -146,7 +183,7 @@ def _plot_vs_budget(rows: list[dict], path: Path) -> bool:
         except ValueError:
             continue
         by.setdefault(r["method"], {}).setdefault(b, []).append(r["results"])
-    if not by:
+    if not any(len(pts) >= 2 for pts in by.values()):  # one budget is a dot per method: no line to read
         return False
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     refs = {r["method"]: r["results"] for r in rows if r.get("budget") is None and r.get("results")}
@@ -223,7 +260,12 @@ def _plot_by_method(rows: list[dict], path: Path) -> bool:
         ("gold-choice log-prob, task mean (higher is better)", lp_mean),
     ]
     labels = list(groups)
-    fig, axes = plt.subplots(1, 3, figsize=(14, 1.3 + 0.4 * len(labels)))
+    # only the panels some model was evaluated on: an empty panel carries nothing
+    panels = [(t, fn) for t, fn in panels if any(np.isfinite(fn(res)) for rs in groups.values() for res in rs)]
+    if not panels:
+        return False
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.7 * len(panels), 1.3 + 0.4 * len(labels)), squeeze=False)
+    axes = axes[0]
     for ax, (title, fn) in zip(axes, panels):
         vals = [np.array([fn(res) for res in groups[lab]], dtype=float) for lab in labels]
         means = [float(np.nanmean(v)) if np.isfinite(v).any() else np.nan for v in vals]
@@ -326,6 +368,11 @@ def write_experiment_report(summary: dict, root: Path) -> tuple[str, Path]:
                       "Mean over items of log softmax(choice log-likelihoods)[gold], nats; higher is better. "
                       "± standard error (one seed) or std over seeds.",
                       build_table(rows, lp_cols, mean_key="gold_choice_logprob")))
+    lm = lm_eval_table(rows)
+    if lm:
+        extra.append(("lm-evaluation-harness tasks",
+                      "Tasks run with --tasks lm_eval:NAME: lm-eval's own prompts and metrics on the same models "
+                      "(its first metric per task; acc in %). ± stderr (one seed) or std over seeds.", lm))
     methods = {r["method"] for r in rows}
     for ref in ("random", "pruned, no recovery"):
         pt = paired_table(rows, ref) if ref in methods else None
@@ -354,10 +401,8 @@ def write_experiment_report(summary: dict, root: Path) -> tuple[str, Path]:
 
     cost_h, cost_b = cost_table(summary)
     costs = summary.get("costs_s", {})
-    cost_note = (
-        "Per unit, as each stage recorded it when it ran (cached stages keep their original cost). "
-        "This invocation's wall time: " + ", ".join(f"{k} {v:,.0f} s" for k, v in costs.items()) + "."
-    )
+    cost_note = "Per unit, as each stage recorded it when it ran (cached stages keep their original cost)." + (
+        " This invocation's wall time: " + ", ".join(f"{k} {v:,.0f} s" for k, v in costs.items()) + "." if costs else "")
     env = summary.get("environment", {})
     eval_cfg = summary["config"].get("evaluate", {})
     prog = summary.get("progress") or {}
@@ -377,19 +422,30 @@ def write_experiment_report(summary: dict, root: Path) -> tuple[str, Path]:
             f" Of those, {', '.join(arch['fingerprint_differs'])} came from a pruned model whose weights differ "
             f"from this run's ({arch.get('pruned_fingerprint')}): the same pruning configuration, another machine's result."
         )
+    from paser.report.verdict import best_cells, verdicts
+
+    verdict = verdicts(summary)
+    best = best_cells(header, body)
+    extra_best = [best_cells(h, b) for _, _, (h, b) in extra]
+    best_note = ("Bold: the best value of each column among the selection methods at the same budget "
+                 "(not the dense, unrecovered or full-data references).")
+    clusters = _cluster_section(summary)
     md = [
         "# paser experiment report",
         "",
+        *(["## Verdict", "", *[f"- {v}" for v in verdict], ""] if verdict else []),
         f"Pruned model: `{summary['pruned_model']}`. Evaluation: {json.dumps(eval_cfg)} "
         "(accuracies in %, ± standard error for one seed, ± std over seeds for several; perplexity: windows of "
-        f"{eval_cfg.get('ppl_window', 512)} tokens over the first {eval_cfg.get('ppl_tokens', 16384)} tokens).",
+        f"{eval_cfg.get('ppl_window', 512)} tokens over the first {eval_cfg.get('ppl_tokens', 16384)} tokens). {best_note}",
         "",
         *([f"**{status}**", ""] if status else []),
-        table,
+        markdown_table(header, body, best),
         "",
     ]
-    for title, note, (h, b) in extra:
-        md += [f"## {title}", "", note, "", markdown_table(h, b), ""]
+    for (title, note, (h, b)), bst in zip(extra, extra_best):
+        md += [f"## {title}", "", note, "", markdown_table(h, b, bst), ""]
+    if clusters:
+        md += ["## Clusters of " + clusters["label"], "", clusters["note"], "", _cluster_markdown(clusters), ""]
     md += [
         "## Costs",
         "",
@@ -400,54 +456,134 @@ def write_experiment_report(summary: dict, root: Path) -> tuple[str, Path]:
     ]
     if summary.get("failures"):
         md += ["## Failed stages", *[f"- {f['stage']}: {f['error']}" for f in summary["failures"]], ""]
-    md += ["## Plots", *[f"![{t}]({p.relative_to(root) if p.is_relative_to(root) else p})" for t, p in plots], ""]
+    if plots:
+        md += ["## Plots", *[f"![{t}]({p.relative_to(root) if p.is_relative_to(root) else p})" for t, p in plots], ""]
     md += ["## Configuration", "```json", json.dumps(summary["config"], indent=2), "```", "", "## Environment", "```json", json.dumps(env, indent=2), "```"]
     atomic_write_text(root / "report.md", "\n".join(md) + "\n")
 
     def img(p: Path) -> str:
         return "data:image/png;base64," + base64.b64encode(p.read_bytes()).decode()
 
-    def html_table(h: list[str], b: list[list[str]]) -> str:
-        th = "".join(f"<th>{html.escape(x)}</th>" for x in h)
-        trs = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in b)
-        return f"<table><thead><tr>{th}</tr></thead><tbody>{trs}</tbody></table>"
-
-    extra_html = "".join(f"<h2>{html.escape(t)}</h2><p>{html.escape(n)}</p>{html_table(h, b)}" for t, n, (h, b) in extra)
+    extra_html = "".join(f"<h2>{html.escape(t)}</h2><p>{html.escape(n)}</p>{html_table(h, b, bst)}"
+                         for (t, n, (h, b)), bst in zip(extra, extra_best))
     # A figure wider than it is tall (the by-method panels) gets the page's width, the others 640 px.
     figs = "".join(
         f'<figure class="{"wide" if p.name == "metrics_by_method.png" else ""}"><img src="{img(p)}" alt="{html.escape(t)}">'
         f"<figcaption>{html.escape(t)}</figcaption></figure>"
         for t, p in plots
     )
+    verdict_html = ("<section class=\"verdict\"><h2>Verdict</h2><ul>" + "".join(f"<li>{_md_bold_to_html(v)}</li>" for v in verdict)
+                    + "</ul></section>") if verdict else ""
+    clusters_html = (f"<h2>Clusters of {html.escape(clusters['label'])}</h2><p>{html.escape(clusters['note'])}</p>"
+                     + _cluster_html(clusters)) if clusters else ""
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>paser experiment report</title>
 <style>
-body {{ font-family: system-ui, sans-serif; margin: 2rem; color: #222; max-width: 1400px; }}
-table {{ border-collapse: collapse; font-size: 0.85rem; }}
-th, td {{ border: 1px solid #ccc; padding: 4px 8px; text-align: right; }}
+body {{ font-family: system-ui, sans-serif; margin: 1.5rem; color: #222; max-width: 1800px; }}
+.scroll {{ overflow-x: auto; }}
+table {{ border-collapse: collapse; font-size: 0.8rem; }}
+th, td {{ border: 1px solid #ccc; padding: 3px 6px; text-align: right; }}
+td {{ white-space: nowrap; }} /* a value and its ± stay on one line */
 th {{ background: #f0f3f8; }} td:first-child, th:first-child {{ text-align: left; }}
+td.best {{ font-weight: bold; background: #e6f4ea; }}
+table.clusters td, table.clusters th {{ text-align: left; vertical-align: top; }}
+table.clusters td.num {{ text-align: right; }}
+table.clusters td.text {{ white-space: normal; min-width: 14rem; max-width: 22rem; }}
+table.clusters td.examples {{ white-space: normal; min-width: 28rem; max-width: 46rem; font-size: 0.8rem; }}
+.ex {{ margin: 0 0 4px 0; }} .ex .resp {{ color: #555; }}
+.verdict {{ background: #f7f9fc; border-left: 4px solid #4c78a8; padding: 0.2rem 1rem; margin-bottom: 1rem; }}
+.verdict h2 {{ margin: 0.5rem 0; font-size: 1.2rem; }} .verdict li {{ margin: 0.3rem 0; }}
 figure {{ display: inline-block; margin: 1rem; vertical-align: top; }} img {{ max-width: 640px; border: 1px solid #ddd; }}
 figure.wide {{ display: block; }} figure.wide img {{ max-width: 100%; }}
 pre {{ background: #f7f7f7; padding: 1rem; overflow-x: auto; font-size: 0.8rem; }}
 </style></head><body>
 <h1>paser experiment report</h1>
+{verdict_html}
 <p>Pruned model: <code>{html.escape(summary['pruned_model'])}</code>. Evaluation: <code>{html.escape(json.dumps(eval_cfg))}</code>.
-Accuracies in %, ± standard error (one seed) or ± std over seeds.</p>
+Accuracies in %, ± standard error (one seed) or ± std over seeds. {html.escape(best_note)}</p>
 {f"<p><strong>{html.escape(status)}</strong></p>" if status else ""}
-{html_table(header, body)}
+{html_table(header, body, best)}
 {extra_html}
+{clusters_html}
 <h2>Costs</h2><p>{html.escape(cost_note)}</p>{html_table(cost_h, cost_b)}
 {"<h2>Failed stages</h2><pre>" + html.escape(chr(10).join(f['stage'] + ': ' + f['error'] for f in summary['failures'])) + "</pre>" if summary.get('failures') else ""}
-<h2>Plots</h2>{figs}
+{"<h2>Plots</h2>" + figs if plots else ""}
 <h2>Configuration</h2><pre>{html.escape(json.dumps(summary['config'], indent=2))}</pre>
 <h2>Environment</h2><pre>{html.escape(json.dumps(env, indent=2))}</pre>
 </body></html>
 """
     atomic_write_text(root / "report.html", page)
-    # What the terminal shows: the main table and the paired comparison with random, the
-    # question a user asks first ("does this selection beat random at this budget?").
-    shown = table
+    # What the terminal shows: the verdict, the main table and the paired comparison with
+    # random, the question a user asks first ("does this selection beat random at this budget?").
+    shown = ("\n".join(f"Verdict: {v.replace('**', '')}" for v in verdict) + "\n\n" if verdict else "") + table
     for title, _, (h, b) in extra:
         if title.startswith("Paired differences against random"):
             shown += f"\n\n{title} (negative is better for NLL and loss):\n" + markdown_table(h, b)
     return shown, root / "report.html"
+
+
+def html_table(h: list[str], b: list[list[str]], best: set[tuple[int, int]] | None = None) -> str:
+    """An HTML table (in a horizontally scrolling box); cells in `best` get class "best"."""
+    th = "".join(f"<th>{html.escape(x)}</th>" for x in h)
+    mark = ' class="best"'
+
+    def td(i: int, j: int, c: str) -> str:
+        # thin spaces around ±: wide tables (17 columns) fit a 1400 px page without wrapping
+        return f"<td{mark if best and (i, j) in best else ''}>{html.escape(c).replace(' ± ', chr(0x2009) + '±' + chr(0x2009))}</td>"
+
+    trs = "".join("<tr>" + "".join(td(i, j, c) for j, c in enumerate(r)) + "</tr>" for i, r in enumerate(b))
+    return f'<div class="scroll"><table><thead><tr>{th}</tr></thead><tbody>{trs}</tbody></table></div>'
+
+
+def _md_bold_to_html(text: str) -> str:
+    """The verdict's **bold** (written for Markdown) as <strong>, everything else escaped."""
+    parts = text.split("**")
+    return "".join(f"<strong>{html.escape(p)}</strong>" if k % 2 else html.escape(p) for k, p in enumerate(parts))
+
+
+def _cluster_section(summary: dict) -> dict | None:
+    """The first PASER selection's clusters: table cells and examples, with a note saying what
+    the columns are and where the other selections' clusters are."""
+    from paser.report.clusters import cluster_rows, cluster_table, first_cluster_selection
+
+    found = first_cluster_selection(summary.get("selections") or {})
+    if found is None:
+        return None
+    label, d = found
+    rows = cluster_rows(d)
+    if not rows:
+        return None
+    header, body, examples = cluster_table(rows)
+    note = ("Per cluster: records in the pool, CDS (its mean JSD between the original and the pruned model), "
+            "budget n_k given by CDS, records selected, key phrases most of its records share, and the two selected "
+            "records the method ranked first (truncated).")
+    if not any(examples):
+        note += (" Key phrases and examples need the selection's scores.parquet and selected.jsonl, which "
+                 f"{d} does not hold (archived rows keep only the selection's report).")
+    others = [k for k in (summary.get("selections") or {}) if k.startswith("paser") and k != label]
+    if others:
+        note += f" Other PASER selections ({', '.join(others)}): their selection directories."
+    return {"label": label, "dir": str(d), "header": header, "body": body, "examples": examples, "note": note}
+
+
+def _cluster_markdown(c: dict) -> str:
+    has_ex = any(c["examples"])
+    header = c["header"] + (["Examples (prompt → response)"] if has_ex else [])
+    body = [r + ([" · ".join(f"{i + 1}. {p} → {a}" for i, (p, a) in enumerate(ex)) or "-"] if has_ex else [])
+            for r, ex in zip(c["body"], c["examples"])]
+    return markdown_table(header, body)
+
+
+def _cluster_html(c: dict) -> str:
+    has_ex = any(c["examples"])
+    th = "".join(f"<th>{html.escape(x)}</th>" for x in c["header"] + (["Examples (prompt → response)"] if has_ex else []))
+    text_cols = {j for j, x in enumerate(c["header"]) if x in ("Key phrases", "Main sources")}
+    trs = []
+    for r, ex in zip(c["body"], c["examples"]):
+        tds = "".join(f'<td class="{"text" if j in text_cols else "num"}">{html.escape(v)}</td>' for j, v in enumerate(r))
+        if has_ex:
+            tds += '<td class="examples">' + ("".join(
+                f'<p class="ex">{i + 1}. {html.escape(p)} <span class="resp">→ {html.escape(a)}</span></p>'
+                for i, (p, a) in enumerate(ex)) or "-") + "</td>"
+        trs.append(f"<tr>{tds}</tr>")
+    return f'<div class="scroll"><table class="clusters"><thead><tr>{th}</tr></thead><tbody>{"".join(trs)}</tbody></table></div>'

@@ -53,7 +53,7 @@ def unit_values(results: dict | None, task: str, key: str) -> dict[Hashable, flo
         return {i: float(x) for i, x, c in zip(ids, losses, caps) if x is not None and (key == "all" or c == key)}
     items = r.get("items")
     # acc_norm needs the choice strings, which are not stored: paired numbers use length-free metrics.
-    if not items or key not in ("acc", "gold_loglik", "gold_choice_logprob"):
+    if not items or items.get("golds") is None or key not in ("acc", "gold_loglik", "gold_choice_logprob"):
         return None
     return {idx: choice_metrics(lls, gold)[key] for idx, lls, gold in zip(items["indices"], items["lls"], items["golds"])}
 

@@ -25,25 +25,71 @@ def _save(fig, path: str | Path) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
-def plot_cluster_map(coords: np.ndarray, labels: np.ndarray, cds: np.ndarray, path: str | Path, title: str = "S2RIC clusters") -> None:
-    """2-D map (the first two diffusion coordinates), each point coloured by its cluster's CDS."""
+def plot_cluster_map(coords: np.ndarray, labels: np.ndarray, cds: np.ndarray, path: str | Path, title: str = "S2RIC clusters") -> np.ndarray:
+    """2-D map (the first two diffusion coordinates), each point coloured by its cluster's CDS;
+    one label per cluster, moved off the others where their centres crowd (with a leader line).
+    Returns the labels' positions (axes fractions), for checking."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 5.5))
     xy = coords[:, :2] if coords.shape[1] >= 2 else np.c_[coords[:, 0], np.zeros(len(coords))]
     colour = cds[labels] if len(cds) and np.any(cds) else labels
     sc = ax.scatter(xy[:, 0], xy[:, 1], c=colour, s=6, cmap="viridis", alpha=0.7, linewidths=0)
-    for c in range(int(labels.max()) + 1):
-        m = labels == c
-        if m.any():
-            cx, cy = np.median(xy[m, 0]), np.median(xy[m, 1])
-            ax.annotate(str(c), (cx, cy), fontsize=10, weight="bold", ha="center", va="center",
-                        bbox=dict(boxstyle="round,pad=0.2", fc="white", alpha=0.8))
+    ids = [c for c in range(int(labels.max()) + 1) if (labels == c).any()]
+    centres = np.array([[np.median(xy[labels == c, 0]), np.median(xy[labels == c, 1])] for c in ids]).reshape(-1, 2)
+    ax.margins(0.08)  # room at the frame for labels pushed outwards
+    fig.canvas.draw()  # the final axis limits, so label boxes can be measured in axes fractions
+    to_axes = ax.transData + ax.transAxes.inverted()
+    anchors = to_axes.transform(centres) if len(centres) else centres
+    places = spread_labels(anchors, box=(0.055, 0.045))
+    for c, (ax_, ay_), (px, py) in zip(ids, anchors, places):
+        moved = abs(px - ax_) + abs(py - ay_) > 1e-3
+        ax.annotate(str(c), (ax_, ay_), xycoords="axes fraction", xytext=(px, py), textcoords="axes fraction",
+                    fontsize=9, weight="bold", ha="center", va="center",
+                    bbox=dict(boxstyle="round,pad=0.2", fc="white", alpha=0.85, lw=0.5),
+                    arrowprops=dict(arrowstyle="-", lw=0.6, color="0.3") if moved else None)
     fig.colorbar(sc, ax=ax, label="cluster CDS (mean JSD)" if np.any(cds) else "cluster")
     ax.set_xlabel("diffusion coordinate 1")
     ax.set_ylabel("diffusion coordinate 2")
     ax.set_title(title)
     _save(fig, path)
     plt.close(fig)
+    return places
+
+
+def spread_labels(points: np.ndarray, box: tuple[float, float], iters: int = 400) -> np.ndarray:
+    """Label positions (axes fractions) near `points` whose boxes of size `box` do not overlap.
+
+    Overlapping pairs are pushed apart along the axis where they overlap least, until none
+    overlaps or `iters` rounds pass; positions stay inside the axes. Written by hand because
+    the usual library for this (adjustText) is not a dependency, and k <= a few dozen labels
+    make the quadratic loop instant. Deterministic: the same map always gets the same labels.
+    """
+    pos = np.array(points, dtype=float).reshape(-1, 2).copy()
+    w, h = box
+    lo, hi = np.array([w / 2, h / 2]), np.array([1 - w / 2, 1 - h / 2])
+    pos = np.clip(pos, lo, hi)
+    rng = np.random.default_rng(0)  # breaks exact ties (identical centres) the same way every time
+    for _ in range(iters):
+        moved = False
+        for i in range(len(pos)):
+            for j in range(i + 1, len(pos)):
+                dx, dy = pos[j] - pos[i]
+                ox, oy = w - abs(dx), h - abs(dy)
+                if ox <= 0 or oy <= 0:
+                    continue
+                moved = True
+                if abs(dx) < 1e-9 and abs(dy) < 1e-9:
+                    dx, dy = rng.normal(size=2) * 1e-3
+                sx, sy = (1.0 if dx >= 0 else -1.0), (1.0 if dy >= 0 else -1.0)
+                if ox / w < oy / h:  # cheaper to separate sideways
+                    step = np.array([sx * (ox / 2 + 1e-4), 0.0])
+                else:
+                    step = np.array([0.0, sy * (oy / 2 + 1e-4)])
+                pos[i] = np.clip(pos[i] - step, lo, hi)
+                pos[j] = np.clip(pos[j] + step, lo, hi)
+        if not moved:
+            break
+    return pos
 
 
 def plot_budget_per_cluster(cluster_report: dict, path: str | Path) -> None:
