@@ -1,0 +1,499 @@
+"""Adaptive degradation scoring: PASER's selection without scoring the whole pool.
+
+Exhaustive CDAIS scores every sample (METHOD.md §2), but it only ever uses two things:
+each cluster's mean JSD (CDS_k, to set the quota n_k) and each cluster's top n_k samples
+by the ranking in force (IES, or plain JSD). Both can be had from a fraction of the scores:
+
+1. **CDS from a stratified sample.** Each cluster is sampled without replacement, in a
+   fixed seeded order, until the t-interval of its mean (with the finite-population
+   correction) has a half-width of at most ``cds_rel_error`` × the estimate, at the stated
+   confidence. Two stages (Stein's rule): a pilot of ``pilot`` samples estimates the spread,
+   then ``m = m0 / (1 + (m0 - 1)/N_k)``, ``m0 = (t·s / (ε·mean))²`` more are drawn, the
+   classical sample size for a relative-precision mean under simple random sampling
+   (Cochran, *Sampling Techniques*, §4.4). Why relative precision: n_k is proportional to
+   CDS_k, so an ε error on CDS_k moves n_k by at most about ε·n_k.
+2. **Top-n_k search.** A cheap predictor of JSD (the mean JSD of the k nearest scored
+   neighbours in the embedding space, within the cluster, plus log lengths, combined by
+   least squares) orders the unscored samples; they are scored in batches, most promising
+   first, and a cluster stops when the expected number of its unscored samples that would
+   beat the current n_k-th pick is at most ``(1 - confidence) · n_k`` (i.e. the expected
+   recall of its true top n_k is at least ``confidence``). The probability that one unscored
+   sample beats the pick comes from the predictor's leave-one-out residuals on the
+   stratified sample, which is a simple random sample of each cluster, so its residuals
+   are exchangeable with an unscored sample's (split-conformal calibration). JSD <= ln 2
+   gives a hard bound on top: a sample whose ranking cannot reach the pick even at ln 2 is
+   never scored.
+3. **The limit.** ``confidence >= 1`` scores the whole pool in one call, so the result is
+   exhaustive scoring, bit for bit (the engine plans its batches from the list it is given).
+
+Everything is deterministic for a seed: the sample orders come from the seed, ties are
+broken by index, and the rounds depend only on scores already returned. The caller's
+``score_fn`` is a closure over the scoring engine, so caching (a re-run rescoring nothing),
+resume (a killed run re-asks for the same lists) and sharding come from the engine.
+
+Decision (documented, not in the paper): CDS and n_k are fixed after stage 1. Re-estimating
+them from the search's scores would need a model-assisted estimator (the search scores are
+chosen for being high, hence biased) and a search that chases a moving target.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+
+LN2 = math.log(2.0)  # the largest value a JSD in nats can take
+
+ScoreFn = Callable[[np.ndarray], np.ndarray]
+RankFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
+
+
+# ----------------------------------------------------------------------------- ranking rules
+
+
+def jsd_rank(jsd: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """Rank by JSD itself (the ranking of methods without a cost term)."""
+    return np.asarray(jsd, dtype=np.float64)
+
+
+def ies_rank(n_prompt: np.ndarray, n_response: np.ndarray) -> RankFn:
+    """The IES ranking (paper Eq. 7) as ``rank_fn(jsd, idx)``, via the same function exhaustive uses."""
+    from paser.select.efficiency import individual_efficiency
+
+    n_x = np.asarray(n_prompt)
+    n_y = np.asarray(n_response)
+
+    def rank(jsd: np.ndarray, idx: np.ndarray) -> np.ndarray:
+        idx = np.asarray(idx, dtype=np.int64)
+        return individual_efficiency(np.asarray(jsd, dtype=np.float64), n_x[idx], n_y[idx])
+
+    return rank
+
+
+# ----------------------------------------------------------------------------- stage 1: CDS
+
+
+def t_quantile(confidence: float, dof: int) -> float:
+    """Two-sided Student-t critical value; +inf at confidence 1."""
+    from scipy.stats import t
+
+    if confidence >= 1.0:
+        return math.inf
+    return float(t.ppf(0.5 + confidence / 2.0, max(int(dof), 1)))
+
+
+def mean_interval(values: np.ndarray, population: int, confidence: float) -> tuple[float, float]:
+    """Mean of a simple random sample (without replacement) and its CI half-width.
+
+    t-interval with the finite-population correction sqrt(1 - m/N): a cluster sampled
+    whole has half-width 0 (its mean is known), however small it is.
+    """
+    v = np.asarray(values, dtype=np.float64)
+    m = v.size
+    if m == 0:
+        return math.nan, math.inf
+    mean = float(v.mean())
+    if m >= population:
+        return mean, 0.0
+    if m == 1:
+        return mean, math.inf
+    fpc = math.sqrt(max(0.0, 1.0 - m / population))
+    return mean, t_quantile(confidence, m - 1) * float(v.std(ddof=1)) / math.sqrt(m) * fpc
+
+
+def required_sample_size(std: float, mean: float, population: int, rel_error: float, confidence: float, dof: int) -> int:
+    """Samples for a CI half-width of ``rel_error · mean`` (Cochran's rule with the fpc).
+
+    ``m0 = (t · std / (rel_error · mean))²`` for sampling with replacement; without
+    replacement from ``population`` items, ``m = m0 / (1 + (m0 - 1) / N)``. Whole population
+    at confidence 1, or when the mean is 0 (no relative precision is reachable).
+    """
+    if population <= 0:
+        return 0
+    tq = t_quantile(confidence, dof)
+    if not math.isfinite(tq) or mean <= 0:
+        return population
+    if std <= 0:
+        return min(population, 2)
+    m0 = (tq * std / (rel_error * mean)) ** 2
+    m = m0 / (1.0 + (m0 - 1.0) / population)
+    return int(min(population, max(2, math.ceil(m))))
+
+
+def sample_orders(labels: np.ndarray, k: int, seed: int) -> list[np.ndarray]:
+    """Per cluster, its members in a seeded random order: the first m are its size-m sample.
+
+    Nested samples: a larger m extends a smaller one, so a top-up never discards a score.
+    One generator per cluster (seed, cluster) keeps a cluster's order independent of the others.
+    """
+    out = []
+    for c in range(k):
+        members = np.flatnonzero(labels == c)
+        rng = np.random.default_rng([int(seed), c])
+        out.append(members[rng.permutation(members.size)])
+    return out
+
+
+# ----------------------------------------------------------------------------- stage 2: predictor
+
+
+def knn_merge(
+    best_sim: np.ndarray, best_idx: np.ndarray, new_sim: np.ndarray, new_idx: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Keep each row's k most similar neighbours among the old ones and a new batch.
+
+    best_*: (n, k) current neighbours (sim -inf, idx -1 where empty); new_sim: (n, b)
+    similarities to the batch's items new_idx (b,). Ties go to the smaller index, so the
+    table does not depend on the order batches arrived in. Incremental, so the search pays
+    O(N_k · scored_k · d) in all, not per round.
+    """
+    k = best_sim.shape[1]
+    sim = np.concatenate([best_sim, new_sim], axis=1)
+    idx = np.concatenate([best_idx, np.broadcast_to(new_idx, new_sim.shape)], axis=1)
+    # Sort by (-sim, idx): empty slots (idx -1) have sim -inf and so sort last anyway.
+    order = np.lexsort((np.where(idx < 0, np.iinfo(np.int64).max, idx), -sim), axis=1)[:, :k]
+    return np.take_along_axis(sim, order, axis=1), np.take_along_axis(idx, order, axis=1)
+
+
+def knn_mean(best_idx: np.ndarray, jsd: np.ndarray, fallback: np.ndarray) -> np.ndarray:
+    """Mean JSD over each row's neighbours; ``fallback`` (per row) where a row has none."""
+    valid = best_idx >= 0
+    vals = np.where(valid, jsd[np.maximum(best_idx, 0)], 0.0)
+    cnt = valid.sum(axis=1)
+    return np.divide(vals.sum(axis=1), cnt, out=np.asarray(fallback, dtype=np.float64).copy(), where=cnt > 0)
+
+
+def predictor_features(knn: np.ndarray, n_prompt: np.ndarray | None, n_response: np.ndarray | None) -> np.ndarray:
+    """[kNN mean, log(1+|y|), log(1+|x|), 1]: a mean over fewer response tokens is noisier,
+    and on the benchmark pool JSD correlates with both lengths (Spearman +0.13 and -0.28)."""
+    cols = [np.asarray(knn, dtype=np.float64)]
+    if n_response is not None:
+        cols.append(np.log1p(np.asarray(n_response, dtype=np.float64)))
+    if n_prompt is not None:
+        cols.append(np.log1p(np.asarray(n_prompt, dtype=np.float64)))
+    cols.append(np.ones_like(cols[0]))
+    return np.column_stack(cols)
+
+
+def fit_linear(X: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Least-squares coefficients (numpy's lstsq: a handful of features, no library needed)."""
+    return np.linalg.lstsq(X, y, rcond=None)[0]
+
+
+def jsd_thresholds(rank_fn: RankFn, idx: np.ndarray, tau: float, iters: int = 50) -> np.ndarray:
+    """Per sample, the smallest JSD whose rank beats ``tau`` (+inf if not even ln 2 does).
+
+    Bisection on [0, ln 2]: rank_fn is only required to be non-decreasing in JSD, so IES,
+    plain JSD or any other per-sample monotone rule works, with no inverse to write.
+    """
+    idx = np.asarray(idx, dtype=np.int64)
+    if not math.isfinite(tau):  # no pick yet: anything beats it
+        return np.full(idx.size, -math.inf)
+    lo = np.zeros(idx.size)
+    hi = np.full(idx.size, LN2)
+    out = np.full(idx.size, math.inf)
+    reach = rank_fn(hi, idx) > tau
+    if not reach.any():
+        return out
+    at0 = rank_fn(lo, idx) > tau
+    for _ in range(iters):
+        mid = 0.5 * (lo + hi)
+        up = rank_fn(mid, idx) > tau
+        hi = np.where(up, mid, hi)
+        lo = np.where(up, lo, mid)
+    out[reach] = hi[reach]
+    out[at0] = -math.inf
+    return out
+
+
+def exceed_probability(pred: np.ndarray, threshold: np.ndarray, residuals_sorted: np.ndarray) -> np.ndarray:
+    """P(pred + e > threshold) under the empirical residual distribution (e = true − predicted)."""
+    r = np.asarray(residuals_sorted, dtype=np.float64)
+    if r.size == 0:
+        return np.where(np.isposinf(threshold), 0.0, 1.0)
+    gap = np.asarray(threshold, dtype=np.float64) - np.asarray(pred, dtype=np.float64)
+    with np.errstate(invalid="ignore"):
+        n_above = r.size - np.searchsorted(r, gap, side="right")
+    p = n_above / r.size
+    p = np.where(np.isposinf(threshold), 0.0, p)
+    return np.where(np.isneginf(threshold), 1.0, p)
+
+
+def top_value(values: np.ndarray, idx: np.ndarray, m: int) -> float:
+    """The m-th largest value (ties to the smaller index, as select_with_budget takes them); -inf if fewer."""
+    if m <= 0:
+        return math.inf
+    if values.size < m:
+        return -math.inf
+    order = np.lexsort((idx, -values))
+    return float(values[order[m - 1]])
+
+
+# ----------------------------------------------------------------------------- result
+
+
+@dataclass
+class AdaptiveResult:
+    """What adaptive scoring found. Per-sample arrays have the pool's length; per-cluster, K.
+
+    jsd: the scores, NaN where unscored. scored: the mask. sampled: the stratified sample.
+    cds, cds_half_width: CDS_k from the sample and its CI half-width at ``confidence``
+    (0 where the whole cluster was sampled). n_k: the quotas n_k_fn gave. depth: how many
+    of each cluster's best the search certified (n_k + extra, capped by the cluster size).
+    expected_misses: at the stop, the expected number of unscored samples that beat the
+    depth-th pick (the stopping statistic). rank_correlation: Spearman of the predictor's
+    leave-one-out predictions against the true JSD on the stratified sample (held back in
+    the sense that each prediction never saw its own score).
+    """
+
+    jsd: np.ndarray
+    scored: np.ndarray
+    sampled: np.ndarray
+    cluster_sizes: np.ndarray
+    sample_sizes: np.ndarray
+    cds: np.ndarray
+    cds_half_width: np.ndarray
+    n_k: np.ndarray
+    depth: np.ndarray
+    expected_misses: np.ndarray
+    confidence: float
+    cds_rel_error: float
+    rank_correlation: float
+    rounds: int
+    tokens_scored: int | None = None
+    tokens_total: int | None = None
+    settings: dict = field(default_factory=dict)
+
+    @property
+    def n_scored(self) -> int:
+        return int(self.scored.sum())
+
+    def priority(self, rank_fn: RankFn) -> np.ndarray:
+        """The ranking in force on scored samples, -inf on the rest (select_with_budget's order)."""
+        idx = np.flatnonzero(self.scored)
+        out = np.full(self.jsd.size, -math.inf)
+        out[idx] = rank_fn(self.jsd[idx], idx)
+        return out
+
+    def to_dict(self) -> dict:
+        """JSON-ready summary for report.json (per-cluster lists; per-sample scores go in the table)."""
+        n = int(self.jsd.size)
+        d = {
+            "scoring": "adaptive",
+            "confidence": self.confidence,
+            "cds_rel_error": self.cds_rel_error,
+            "samples_scored": self.n_scored,
+            "fraction_scored": self.n_scored / n if n else 0.0,
+            "rank_correlation": self.rank_correlation,
+            "rounds": self.rounds,
+            "clusters": {
+                "sizes": self.cluster_sizes.tolist(),
+                "sample_sizes": self.sample_sizes.tolist(),
+                "cds": self.cds.tolist(),
+                "cds_ci": [[float(c - h), float(c + h)] for c, h in zip(self.cds, self.cds_half_width)],
+                "n_k": self.n_k.tolist(),
+                "certified_depth": self.depth.tolist(),
+                "scored": np.bincount(self.settings["labels_for_report"][self.scored], minlength=len(self.cds)).tolist()
+                if "labels_for_report" in self.settings
+                else None,
+                "expected_misses": [float(x) for x in self.expected_misses],
+            },
+            "settings": {k: v for k, v in self.settings.items() if k != "labels_for_report"},
+        }
+        if self.tokens_scored is not None:
+            d["tokens_scored"] = int(self.tokens_scored)
+            d["tokens_total"] = int(self.tokens_total)
+            d["fraction_tokens_scored"] = self.tokens_scored / self.tokens_total if self.tokens_total else 0.0
+        return d
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def _spearman(a: np.ndarray, b: np.ndarray) -> float:
+    from scipy.stats import spearmanr
+
+    if a.size < 3 or np.ptp(a) == 0 or np.ptp(b) == 0:
+        return math.nan
+    return float(spearmanr(a, b)[0])
+
+
+def adaptive_degradation(
+    score_fn: ScoreFn,
+    labels: np.ndarray,
+    n_k_fn: Callable[[np.ndarray], np.ndarray],
+    features: np.ndarray,
+    *,
+    rank_fn: RankFn = jsd_rank,
+    n_prompt: np.ndarray | None = None,
+    n_response: np.ndarray | None = None,
+    confidence: float = 0.9,
+    cds_rel_error: float = 0.1,
+    seed: int = 0,
+    pilot: int = 16,
+    n_neighbors: int = 10,
+    batch_fraction: float = 0.5,
+    min_batch: int = 4,
+    extra: int | np.ndarray = 0,
+) -> AdaptiveResult:
+    """Score just enough of the pool to give PASER's CDS, n_k and per-cluster top n_k.
+
+    score_fn(indices) -> JSD of those pool indices (a closure over the scoring engine; it
+    is called with ascending index arrays, never twice with the same index). labels: cluster
+    of each sample, 0..K-1. n_k_fn(cds) -> quotas (the allocation in force, e.g.
+    ``lambda c: allocate_budget(c, sizes, budget)``). features: (N, d) L2-normalised
+    embeddings (the S2RIC ones). rank_fn(jsd, idx): the within-cluster ranking, non-decreasing
+    in JSD (``ies_rank(n_prompt, n_response)`` for PASER, ``jsd_rank`` for plain JSD).
+    n_prompt, n_response: token counts of every sample (cheap: tokenising only), used as
+    predictor features and to count the tokens scored. confidence: of the CDS intervals and
+    of the stopping rule (expected recall of each cluster's true top ``depth``); 1 scores
+    everything, in one call. extra: certify this many more than n_k per cluster (NTM
+    rejections consume candidates beyond n_k; see ``depth_shortfall``).
+    """
+    labels = np.asarray(labels)
+    n = labels.size
+    if labels.ndim != 1 or (n and not np.issubdtype(labels.dtype, np.integer)):
+        raise ValueError("labels must be a 1-D integer array")
+    if n and labels.min() < 0:
+        raise ValueError("labels must be non-negative")
+    X = np.asarray(features, dtype=np.float32)
+    if X.ndim != 2 or X.shape[0] != n:
+        raise ValueError(f"features must be (N, d) with N = {n}, got {X.shape}")
+    if not 0.0 < confidence <= 1.0:
+        raise ValueError(f"confidence must be in (0, 1], got {confidence}")
+    if not cds_rel_error > 0:
+        raise ValueError("cds_rel_error must be positive")
+    k = int(labels.max()) + 1 if n else 0
+    sizes = np.bincount(labels, minlength=k).astype(np.int64)
+    lengths = None
+    if n_prompt is not None and n_response is not None:
+        lengths = np.asarray(n_prompt, dtype=np.int64) + np.asarray(n_response, dtype=np.int64)
+
+    jsd = np.full(n, math.nan)
+    scored = np.zeros(n, dtype=bool)
+    rounds = 0
+
+    def score(idx: np.ndarray) -> np.ndarray:
+        nonlocal rounds
+        idx = np.unique(np.asarray(idx, dtype=np.int64))
+        idx = idx[~scored[idx]]
+        if idx.size:
+            vals = np.asarray(score_fn(idx), dtype=np.float64)
+            if vals.shape != idx.shape or not np.all(np.isfinite(vals)):
+                raise ValueError("score_fn must return one finite JSD per index")
+            jsd[idx] = vals
+            scored[idx] = True
+            rounds += 1
+        return idx
+
+    settings = dict(seed=seed, pilot=pilot, n_neighbors=n_neighbors, batch_fraction=batch_fraction, min_batch=min_batch,
+                    labels_for_report=labels)
+    orders = sample_orders(labels, k, seed)
+
+    # --- stage 1: the stratified sample and CDS ------------------------------------------
+    if confidence >= 1.0:
+        score(np.arange(n))  # the limit: exhaustive, in one call so the engine batches as exhaustive does
+        m_k = sizes.copy()
+    else:
+        m_k = np.minimum(sizes, pilot)
+        score(np.concatenate([orders[c][: m_k[c]] for c in range(k)]) if k else np.zeros(0, np.int64))
+        need = m_k.copy()
+        for c in range(k):
+            v = jsd[orders[c][: m_k[c]]]
+            need[c] = max(m_k[c], required_sample_size(float(v.std(ddof=1)) if v.size > 1 else 0.0, float(v.mean()) if v.size else 0.0,
+                                                         int(sizes[c]), cds_rel_error, confidence, int(m_k[c]) - 1))
+        if (need > m_k).any():
+            score(np.concatenate([orders[c][m_k[c]: need[c]] for c in range(k)]))
+        m_k = need
+    sampled = np.zeros(n, dtype=bool)
+    for c in range(k):
+        sampled[orders[c][: m_k[c]]] = True
+    from paser.select.efficiency import cluster_degradation
+
+    s_idx = np.flatnonzero(sampled)  # ascending: the full-sample case sums exactly as exhaustive does
+    cds = cluster_degradation(jsd[s_idx], labels[s_idx], k)
+    half = np.array([mean_interval(jsd[orders[c][: m_k[c]]], int(sizes[c]), confidence)[1] for c in range(k)])
+    n_k = np.asarray(n_k_fn(cds), dtype=np.int64)
+    if n_k.shape != (k,):
+        raise ValueError(f"n_k_fn must return one quota per cluster ({k})")
+    depth = np.minimum(sizes, n_k + np.asarray(extra, dtype=np.int64))
+
+    # --- stage 2: the search ---------------------------------------------------------------
+    members = [np.flatnonzero(labels == c) for c in range(k)]
+    best_sim = np.full((n, n_neighbors), -np.inf, dtype=np.float32)
+    best_idx = np.full((n, n_neighbors), -1, dtype=np.int64)
+
+    def add_neighbours(new: np.ndarray) -> None:
+        for c in np.unique(labels[new]):
+            mem, nc = members[c], new[labels[new] == c]
+            sim = X[mem] @ X[nc].T
+            sim[mem[:, None] == nc[None, :]] = -np.inf  # never one's own neighbour: predictions stay leave-one-out
+            best_sim[mem], best_idx[mem] = knn_merge(best_sim[mem], best_idx[mem], sim, nc)
+
+    add_neighbours(np.flatnonzero(scored))
+    cluster_mean = cds  # fallback prediction where a sample has no scored neighbour
+    expected = np.zeros(k)
+    done = np.array([scored[members[c]].all() or depth[c] == 0 for c in range(k)], dtype=bool)
+    rho = math.nan
+    while True:
+        fb = cluster_mean[labels]
+        feats = predictor_features(knn_mean(best_idx, np.nan_to_num(jsd), fb), n_prompt, n_response)
+        coef = fit_linear(feats[s_idx], jsd[s_idx])
+        pred = feats @ coef
+        resid = np.sort(jsd[s_idx] - pred[s_idx])
+        rho = _spearman(pred[s_idx], jsd[s_idx])
+        batch = []
+        for c in range(k):
+            if done[c]:
+                continue
+            mem = members[c]
+            sc, un = mem[scored[mem]], mem[~scored[mem]]
+            tau = top_value(rank_fn(jsd[sc], sc), sc, int(depth[c]))
+            thr = jsd_thresholds(rank_fn, un, tau)
+            p = exceed_probability(pred[un], thr, resid)
+            expected[c] = float(p.sum())
+            if expected[c] <= (1.0 - confidence) * depth[c] or un.size == 0:
+                done[c] = True
+                continue
+            b = max(min_batch, int(math.ceil(batch_fraction * depth[c])))
+            # Most likely to beat the pick first; then the higher predicted rank; then the index.
+            order = np.lexsort((un, -rank_fn(np.clip(pred[un], 0.0, LN2), un), -p))
+            batch.append(un[order[: min(b, int((p > 0).sum()))]])
+        if not batch:
+            break
+        new = score(np.concatenate(batch))
+        add_neighbours(new)
+
+    tokens = None if lengths is None else int(lengths[scored].sum())
+    return AdaptiveResult(
+        jsd=jsd,
+        scored=scored,
+        sampled=sampled,
+        cluster_sizes=sizes,
+        sample_sizes=m_k.astype(np.int64),
+        cds=cds,
+        cds_half_width=half,
+        n_k=n_k,
+        depth=depth.astype(np.int64),
+        expected_misses=expected,
+        confidence=float(confidence),
+        cds_rel_error=float(cds_rel_error),
+        rank_correlation=rho,
+        rounds=rounds,
+        tokens_scored=tokens,
+        tokens_total=None if lengths is None else int(lengths.sum()),
+        settings=settings,
+    )
+
+
+def depth_shortfall(consumed: np.ndarray, result: AdaptiveResult) -> np.ndarray:
+    """Per cluster, how many candidates selection took beyond the certified depth.
+
+    consumed: candidates select_with_budget went through per cluster (``n_selected +
+    n_rejected`` of its outcome). All zero: the selection equals the exhaustive one at the
+    stated confidence. Otherwise re-run with ``extra`` raised by this (scores are cached).
+    """
+    room = result.cluster_sizes - result.depth
+    return np.minimum(np.maximum(np.asarray(consumed, dtype=np.int64) - result.depth, 0), room)
