@@ -44,7 +44,10 @@ def load_benchmark(cache: str, archive: Path = ARCHIVE):
         raise SystemExit(f"no archived scores under {archive}")
     df = pd.concat([pd.read_parquet(f) for f in shards]).drop_duplicates("id").set_index("id")
     df = df.loc[[r.id for r in records]]
+    from paser.select.adaptive import text_statistics
+
     return dict(
+        text=text_statistics([r.instruction + "\n" + r.input for r in records], [r.output for r in records]),
         emb=emb,
         labels=clusters.labels,
         jsd=df["jsd"].to_numpy(np.float64),
@@ -82,7 +85,13 @@ def random_control(data, n_scored, n_k, rank_fn, seed):
     return set(sel)
 
 
-def run(data, budget, ranking, confidence, cds_rel_error, seed, exact_quota=False, **kw):
+PREDICTORS = {"knn+len": dict(heteroscedastic=False), "+het": dict(heteroscedastic=True), "+het+text": dict(heteroscedastic=True, text=True)}
+
+
+def run(data, budget, ranking, confidence, cds_rel_error, seed, exact_quota=False, predictor="+het+text"):
+    kw = dict(PREDICTORS[predictor])
+    if kw.pop("text", False):
+        kw["extra_features"] = data["text"]
     from paser.select.adaptive import adaptive_degradation, ies_rank, jsd_rank
     from paser.select.budget import allocate_budget, select_with_budget
 
@@ -109,7 +118,7 @@ def run(data, budget, ranking, confidence, cds_rel_error, seed, exact_quota=Fals
     true_cds = np.bincount(labels, weights=jsd, minlength=k) / sizes
     covered = np.abs(res.cds - true_cds) <= res.cds_half_width + 1e-12
     return dict(
-        ranking=ranking, confidence=confidence, cds_rel_error=cds_rel_error, seed=seed, exact_quota=exact_quota,
+        ranking=ranking, predictor=predictor, confidence=confidence, cds_rel_error=cds_rel_error, seed=seed, exact_quota=exact_quota,
         fraction_scored=res.n_scored / labels.size,
         fraction_tokens=res.tokens_scored / res.tokens_total,
         fraction_sampled=float(res.sampled.mean()),
@@ -131,18 +140,21 @@ def main():
     ap.add_argument("--confidence", type=float, nargs="+", default=[0.5, 0.8, 0.9, 0.95, 0.99])
     ap.add_argument("--rel-error", type=float, nargs="+", default=[0.1, 0.2])
     ap.add_argument("--ranking", nargs="+", default=["ies", "jsd"])
+    ap.add_argument("--predictor", nargs="+", default=list(PREDICTORS))
     ap.add_argument("--out", default="")
     a = ap.parse_args()
     data = load_benchmark(a.cache)
     rows = []
-    settings = [(r, c, e, q) for r in a.ranking for c in a.confidence for e in a.rel_error for q in (False, True)]
-    settings += [(r, 1.0, 0.1, False) for r in a.ranking]
-    print(f"{'rank':4} {'conf':>5} {'eps':>4} {'quota':>5} | {'scored':>6} {'tokens':>6} {'sample':>6} | {'overlap':>7} {'ctrl':>5} {'L1':>4} {'cover':>5} {'rho':>5}")
-    for ranking, conf, eps, exact in settings:
-        rs = [run(data, a.budget, ranking, conf, eps, s, exact_quota=exact) for s in range(a.seeds)]
+    settings = [("ies", p, c, e, False) for p in a.predictor for c in a.confidence for e in a.rel_error]
+    settings += [("ies", "+het+text", c, 0.1, True) for c in a.confidence]  # search alone: the exhaustive quotas
+    settings += [(r, "+het+text", c, 0.1, False) for r in a.ranking if r != "ies" for c in a.confidence]
+    settings += [(r, "+het+text", 1.0, 0.1, False) for r in a.ranking]
+    print(f"{'rank':4} {'predictor':10} {'conf':>5} {'eps':>4} {'quota':>5} | {'scored':>6} {'tokens':>6} {'sample':>6} | {'overlap':>7} {'ctrl':>5} {'L1':>4} {'cover':>5} {'rho':>5}")
+    for ranking, pred, conf, eps, exact in settings:
+        rs = [run(data, a.budget, ranking, conf, eps, s, exact_quota=exact, predictor=pred) for s in range(a.seeds)]
         rows.extend(rs)
         m = {key: float(np.mean([r[key] for r in rs])) for key in rs[0] if isinstance(rs[0][key], (int, float)) and not isinstance(rs[0][key], bool)}
-        print(f"{ranking:4} {conf:5.2f} {eps:4.2f} {'exact' if exact else 'est':>5} | {m['fraction_scored']:6.3f} {m['fraction_tokens']:6.3f} "
+        print(f"{ranking:4} {pred:10} {conf:5.2f} {eps:4.2f} {'exact' if exact else 'est':>5} | {m['fraction_scored']:6.3f} {m['fraction_tokens']:6.3f} "
               f"{m['fraction_sampled']:6.3f} | {m['overlap']:7.3f} {m['overlap_random_control']:5.3f} {m['quota_l1']:4.1f} "
               f"{m['cds_ci_coverage']:5.2f} {m['rank_correlation']:5.2f}", flush=True)
     if a.out:
