@@ -256,3 +256,37 @@ def test_rejects_bad_inputs():
         adaptive_degradation(Lookup(jsd), labels, lambda c: np.zeros(3, np.int64), X[:5])
     with pytest.raises(ValueError):
         adaptive_degradation(lambda idx: np.full(idx.size, np.nan), labels, lambda c: np.zeros(3, np.int64), X)
+
+
+def test_ntm_gate_loop_extends_depth_and_matches_exhaustive():
+    from paser.select.adaptive import adaptive_select
+
+    labels, X, jsd, n_x, n_y = smooth_pool()
+    rank = ies_rank(n_x, n_y)
+    sizes = np.bincount(labels)
+    n_k_fn = lambda c: allocate_budget(c, sizes, 60)  # noqa: E731
+    gate = lambda: (lambda i: i % 3 != 0)  # noqa: E731 - rejects a third of the pool, statelessly
+    k = 3
+    cds = cluster_degradation(jsd, labels, k)
+    prio = rank(jsd, np.arange(jsd.size))
+    ref = select_with_budget(labels, prio, allocate_budget(cds, sizes, 60), gate(), cds=cds, priority=prio)
+    for conf in (0.95, 1.0):
+        f = Lookup(jsd)
+        res, out = adaptive_select(f, labels, n_k_fn, X, rank_fn=rank, make_gate=gate, n_prompt=n_x, n_response=n_y,
+                                   confidence=conf, seed=0, cds_rel_error=0.02)
+        assert res.settings["certified"] and np.all(out.n_selected + out.n_rejected <= res.depth)
+        if conf < 1:
+            assert res.settings["passes"] > 1 and min(res.settings["extra"]) > 0  # the gate forced deeper searches
+            assert res.n_scored < labels.size
+            assert np.array_equal(res.n_k, allocate_budget(res.cds, sizes, 60))
+        else:
+            assert np.array_equal(res.n_k, ref.quota_initial)
+            assert out.selected == ref.selected  # the exhaustive limit, NTM included
+        allidx = np.concatenate(f.calls)
+        assert allidx.size == np.unique(allidx).size  # passes re-use, never re-score
+        assert out.counts()["selected"] == 60
+    # With the exhaustive quotas, the search with the gate in the loop finds the exhaustive
+    # selection, in its order, on this predictable pool.
+    res, out = adaptive_select(Lookup(jsd), labels, lambda c: ref.quota_initial, X, rank_fn=rank, make_gate=gate,
+                               n_prompt=n_x, n_response=n_y, confidence=0.95, seed=0)
+    assert out.selected == ref.selected and res.n_scored < 0.3 * labels.size

@@ -553,3 +553,50 @@ def text_statistics(instructions: Sequence[str], outputs: Sequence[str]) -> np.n
         raise ValueError("instructions and outputs must have the same length")
     rows = [stats(o) + stats(i) for i, o in zip(instructions, outputs)]
     return np.asarray(rows, dtype=np.float64).reshape(len(rows), 10)
+
+
+def adaptive_select(
+    score_fn: ScoreFn,
+    labels: np.ndarray,
+    n_k_fn: Callable[[np.ndarray], np.ndarray],
+    features: np.ndarray,
+    *,
+    rank_fn: RankFn = jsd_rank,
+    make_gate: Callable[[], Callable[[int], bool]] | None = None,
+    max_passes: int = 8,
+    **kw,
+):
+    """Adaptive scoring plus ``select_with_budget``, with the NTM gate in the loop.
+
+    The gate rejects candidates, so a cluster may need more than its n_k best: each pass
+    certifies ``n_k + extra`` per cluster, selects, and if selection went past the certified
+    depth anywhere (``depth_shortfall``), raises ``extra`` there and runs again. Scores are
+    memoised across passes, so a pass only scores what is new; every pass is deterministic,
+    so a resumed run asks the engine for the same lists. make_gate() must return a fresh
+    gate (NTMGate is stateful). Returns (AdaptiveResult, SelectionOutcome); the result's
+    settings say how many passes ran and whether the last one was certified.
+    """
+    from paser.select.budget import select_with_budget
+
+    labels = np.asarray(labels)
+    memo: dict[int, float] = {}
+
+    def memo_fn(idx: np.ndarray) -> np.ndarray:
+        idx = np.asarray(idx, dtype=np.int64)
+        new = np.array([i for i in idx.tolist() if i not in memo], dtype=np.int64)
+        if new.size:
+            memo.update(zip(new.tolist(), np.asarray(score_fn(new), dtype=np.float64).tolist()))
+        return np.array([memo[i] for i in idx.tolist()], dtype=np.float64)
+
+    k = int(labels.max()) + 1 if labels.size else 0
+    extra = np.asarray(kw.pop("extra", 0), dtype=np.int64) + np.zeros(k, dtype=np.int64)
+    for p in range(1, max_passes + 1):
+        res = adaptive_degradation(memo_fn, labels, n_k_fn, features, rank_fn=rank_fn, extra=extra, **kw)
+        prio = res.priority(rank_fn)
+        out = select_with_budget(labels, prio, res.n_k, make_gate() if make_gate else None, cds=res.cds, priority=prio)
+        short = depth_shortfall(out.n_selected + out.n_rejected, res)
+        if not short.any():
+            break
+        extra = extra + short
+    res.settings.update(passes=p, certified=not short.any(), extra=extra.tolist())
+    return res, out
