@@ -45,8 +45,11 @@ def load_benchmark(cache: str, archive: Path = ARCHIVE):
     df = pd.concat([pd.read_parquet(f) for f in shards]).drop_duplicates("id").set_index("id")
     df = df.loc[[r.id for r in records]]
     from paser.select.adaptive import text_statistics
+    from paser.select.concepts import extract_concepts
 
     return dict(
+        ids=[r.id for r in records],
+        concepts=extract_concepts(records, max_phrases=5, multiword_only=True, progress=False),  # paser select's defaults
         text=text_statistics([r.instruction + "\n" + r.input for r in records], [r.output for r in records]),
         emb=emb,
         labels=clusters.labels,
@@ -56,7 +59,13 @@ def load_benchmark(cache: str, archive: Path = ARCHIVE):
     )
 
 
-def exhaustive(data, budget, rank_fn):
+def make_gate(data, ntm):
+    from paser.select.concepts import DEFAULT_THRESHOLD, NTMGate
+
+    return (lambda: NTMGate(data["concepts"], threshold=DEFAULT_THRESHOLD)) if ntm else None
+
+
+def exhaustive(data, budget, rank_fn, ntm=False):
     from paser.select.budget import allocate_budget, select_with_budget
     from paser.select.efficiency import cluster_degradation
 
@@ -65,7 +74,8 @@ def exhaustive(data, budget, rank_fn):
     cds = cluster_degradation(jsd, labels, k)
     n_k = allocate_budget(cds, np.bincount(labels, minlength=k), budget)
     prio = rank_fn(jsd, np.arange(jsd.size))
-    out = select_with_budget(labels, prio, n_k, None, cds=cds, priority=prio)
+    gate = make_gate(data, ntm)
+    out = select_with_budget(labels, prio, n_k, gate() if gate else None, cds=cds, priority=prio)
     return set(out.selected), n_k
 
 
@@ -88,18 +98,18 @@ def random_control(data, n_scored, n_k, rank_fn, seed):
 PREDICTORS = {"knn+len": dict(heteroscedastic=False), "+het": dict(heteroscedastic=True), "+het+text": dict(heteroscedastic=True, text=True)}
 
 
-def run(data, budget, ranking, confidence, cds_rel_error, seed, exact_quota=False, predictor="+het+text"):
+def run(data, budget, ranking, confidence, cds_rel_error, seed, exact_quota=False, predictor="+het+text", ntm=False):
     kw = dict(PREDICTORS[predictor])
     if kw.pop("text", False):
         kw["extra_features"] = data["text"]
-    from paser.select.adaptive import adaptive_degradation, ies_rank, jsd_rank
-    from paser.select.budget import allocate_budget, select_with_budget
+    from paser.select.adaptive import adaptive_select, ies_rank, jsd_rank
+    from paser.select.budget import allocate_budget
 
     labels, jsd = data["labels"], data["jsd"]
     k = int(labels.max()) + 1
     sizes = np.bincount(labels, minlength=k)
     rank_fn = ies_rank(data["n_prompt"], data["n_resp"]) if ranking == "ies" else jsd_rank
-    ref, n_k_ref = exhaustive(data, budget, rank_fn)
+    ref, n_k_ref = exhaustive(data, budget, rank_fn, ntm)
     n_k_fn = (lambda c: n_k_ref) if exact_quota else (lambda c: allocate_budget(c, sizes, budget))
     calls = []
 
@@ -108,17 +118,16 @@ def run(data, budget, ranking, confidence, cds_rel_error, seed, exact_quota=Fals
         return jsd[idx]
 
     t = time.time()
-    res = adaptive_degradation(score_fn, labels, n_k_fn, data["emb"], rank_fn=rank_fn, n_prompt=data["n_prompt"],
-                               n_response=data["n_resp"], confidence=confidence, cds_rel_error=cds_rel_error, seed=seed, **kw)
+    res, out = adaptive_select(score_fn, labels, n_k_fn, data["emb"], rank_fn=rank_fn, make_gate=make_gate(data, ntm),
+                               n_prompt=data["n_prompt"], n_response=data["n_resp"], confidence=confidence,
+                               cds_rel_error=cds_rel_error, seed=seed, **kw)
     secs = time.time() - t
-    prio = res.priority(rank_fn)
-    out = select_with_budget(labels, prio, res.n_k, None, cds=res.cds, priority=prio)
     sel = set(out.selected)
     ctrl = random_control(data, res.n_scored, res.n_k, rank_fn, seed)
     true_cds = np.bincount(labels, weights=jsd, minlength=k) / sizes
     covered = np.abs(res.cds - true_cds) <= res.cds_half_width + 1e-12
     return dict(
-        ranking=ranking, predictor=predictor, confidence=confidence, cds_rel_error=cds_rel_error, seed=seed, exact_quota=exact_quota,
+        ranking=ranking, predictor=predictor, ntm=ntm, passes=res.settings["passes"], confidence=confidence, cds_rel_error=cds_rel_error, seed=seed, exact_quota=exact_quota,
         fraction_scored=res.n_scored / labels.size,
         fraction_tokens=res.tokens_scored / res.tokens_total,
         fraction_sampled=float(res.sampled.mean()),
@@ -141,9 +150,17 @@ def main():
     ap.add_argument("--rel-error", type=float, nargs="+", default=[0.1, 0.2])
     ap.add_argument("--ranking", nargs="+", default=["ies", "jsd"])
     ap.add_argument("--predictor", nargs="+", default=list(PREDICTORS))
+    ap.add_argument("--ntm", action="store_true", help="NTM on (paser select's defaults), in the loop of adaptive_select")
     ap.add_argument("--out", default="")
     a = ap.parse_args()
     data = load_benchmark(a.cache)
+    if a.ntm and a.budget == 200:
+        # The reproduction check: exhaustive + NTM here must be the archived benchmark's selection.
+        from paser.select.adaptive import ies_rank
+
+        archived = json.loads((ARCHIVE.parents[1] / "rows" / "paser-b0.1-s0-2470d796c7f0" / "selected_ids.json").read_text())
+        mine, _ = exhaustive(data, 200, ies_rank(data["n_prompt"], data["n_resp"]), ntm=True)
+        print(f"exhaustive + NTM reproduces the archived paser-b0.1-s0 selection: {sorted(archived) == sorted(data['ids'][i] for i in mine)}")
     rows = []
     settings = [("ies", p, c, e, False) for p in a.predictor for c in a.confidence for e in a.rel_error]
     settings += [("ies", "+het+text", c, 0.1, True) for c in a.confidence]  # search alone: the exhaustive quotas
@@ -151,7 +168,7 @@ def main():
     settings += [(r, "+het+text", 1.0, 0.1, False) for r in a.ranking]
     print(f"{'rank':4} {'predictor':10} {'conf':>5} {'eps':>4} {'quota':>5} | {'scored':>6} {'tokens':>6} {'sample':>6} | {'overlap':>7} {'ctrl':>5} {'L1':>4} {'cover':>5} {'rho':>5}")
     for ranking, pred, conf, eps, exact in settings:
-        rs = [run(data, a.budget, ranking, conf, eps, s, exact_quota=exact, predictor=pred) for s in range(a.seeds)]
+        rs = [run(data, a.budget, ranking, conf, eps, s, exact_quota=exact, predictor=pred, ntm=a.ntm) for s in range(a.seeds)]
         rows.extend(rs)
         m = {key: float(np.mean([r[key] for r in rs])) for key in rs[0] if isinstance(rs[0][key], (int, float)) and not isinstance(rs[0][key], bool)}
         print(f"{ranking:4} {pred:10} {conf:5.2f} {eps:4.2f} {'exact' if exact else 'est':>5} | {m['fraction_scored']:6.3f} {m['fraction_tokens']:6.3f} "
