@@ -12,6 +12,7 @@ import pytest
 from paser.select.adaptive import (
     LN2,
     adaptive_degradation,
+    chunk_topk,
     depth_shortfall,
     exceed_probability,
     ies_rank,
@@ -83,6 +84,26 @@ def test_knn_merge_equals_brute_force_in_any_batch_order():
         for chunk in np.array_split(perm, 4):
             bs, bi = knn_merge(bs, bi, sims[:, chunk], chunk)
         assert np.array_equal(bi, brute)
+
+
+def test_chunk_topk_keeps_what_a_full_merge_keeps():
+    rng = np.random.default_rng(2)
+    sims = np.round(rng.normal(size=(50, 40)), 1)  # rounded: many exact ties
+    cols = np.sort(rng.choice(1000, 40, replace=False))
+    k = 6
+    empty = np.full((50, k), -np.inf), np.full((50, k), -1, dtype=np.int64)
+    full = knn_merge(*empty, sims, cols)
+    top_s, top_i = chunk_topk(sims, cols, k)
+    assert np.array_equal(knn_merge(*empty, top_s, top_i)[1], full[1])
+    assert np.array_equal(np.sort(top_i, axis=1), np.sort(full[1], axis=1))
+
+
+def test_masked_self_is_never_a_neighbour():
+    # Two scored points, k = 3: each row has at most one real neighbour; the masked self
+    # (sim -inf) must come back as an empty slot, not as a neighbour.
+    sims = np.array([[-np.inf, 0.5], [0.5, -np.inf]])
+    s, i = knn_merge(np.full((2, 3), -np.inf), np.full((2, 3), -1, dtype=np.int64), sims, np.array([0, 1]))
+    assert i.tolist() == [[1, -1, -1], [0, -1, -1]]
 
 
 def test_required_sample_size_is_cochrans_rule():

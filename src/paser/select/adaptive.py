@@ -145,16 +145,34 @@ def knn_merge(
     """Keep each row's k most similar neighbours among the old ones and a new batch.
 
     best_*: (n, k) current neighbours (sim -inf, idx -1 where empty); new_sim: (n, b)
-    similarities to the batch's items new_idx (b,). Ties go to the smaller index, so the
+    similarities to the batch's items new_idx ((b,), or (n, b) per row). Ties go to the smaller index, so the
     table does not depend on the order batches arrived in. Incremental, so the search pays
     O(N_k · scored_k · d) in all, not per round.
     """
     k = best_sim.shape[1]
     sim = np.concatenate([best_sim, new_sim], axis=1)
-    idx = np.concatenate([best_idx, np.broadcast_to(new_idx, new_sim.shape)], axis=1)
+    idx = np.concatenate([best_idx, np.broadcast_to(new_idx, new_sim.shape)], axis=1).astype(np.int64)
+    idx = np.where(np.isneginf(sim), -1, idx)  # a masked pair (oneself) is no neighbour, even in an empty slot
     # Sort by (-sim, idx): empty slots (idx -1) have sim -inf and so sort last anyway.
     order = np.lexsort((np.where(idx < 0, np.iinfo(np.int64).max, idx), -sim), axis=1)[:, :k]
     return np.take_along_axis(sim, order, axis=1), np.take_along_axis(idx, order, axis=1)
+
+
+def chunk_topk(sim: np.ndarray, cols: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's k largest similarities in a block whose columns ``cols`` ascend, ties to
+    the smaller index: exactly the entries ``knn_merge`` would keep from it, found in O(b)
+    per row (np.partition) instead of a sort, so merging a wide block stays cheap."""
+    b = sim.shape[1]
+    if b <= k:
+        return sim, np.broadcast_to(cols, sim.shape)
+    t = np.partition(sim, b - k, axis=1)[:, b - k : b - k + 1]  # the k-th largest per row
+    gt = sim > t
+    eq = sim == t
+    room = k - gt.sum(axis=1, keepdims=True)  # ties to keep: the first ones, i.e. the smaller indices
+    keep = gt | (eq & (np.cumsum(eq, axis=1) <= room))
+    rows, pos = np.nonzero(keep)  # row-major: exactly k per row, in column order
+    pos = pos.reshape(sim.shape[0], k)
+    return np.take_along_axis(sim, pos, axis=1), cols[pos]
 
 
 def knn_mean(best_idx: np.ndarray, jsd: np.ndarray, fallback: np.ndarray) -> np.ndarray:
@@ -363,6 +381,7 @@ def adaptive_degradation(
     extra: int | np.ndarray = 0,
     extra_features: np.ndarray | None = None,
     heteroscedastic: bool = True,
+    neighbours: str = "global",
 ) -> AdaptiveResult:
     """Score just enough of the pool to give PASER's CDS, n_k and per-cluster top n_k.
 
@@ -378,8 +397,12 @@ def adaptive_degradation(
     everything, in one call. extra: certify this many more than n_k per cluster (NTM
     rejections consume candidates beyond n_k; see ``depth_shortfall``). extra_features:
     (N, f) more cheap per-sample predictor columns. heteroscedastic: scale the residuals by
-    the response length (see ``residual_scale``).
+    the response length (see ``residual_scale``). neighbours: "global" (the k nearest scored
+    samples anywhere in the pool) or "cluster" (within the sample's cluster only); global
+    ranks better within clusters on the benchmark pool (Spearman 0.29 against 0.25).
     """
+    if neighbours not in ("global", "cluster"):
+        raise ValueError(f"neighbours must be 'global' or 'cluster', got {neighbours!r}")
     labels = np.asarray(labels)
     n = labels.size
     if labels.ndim != 1 or (n and not np.issubdtype(labels.dtype, np.integer)):
@@ -417,7 +440,7 @@ def adaptive_degradation(
         return idx
 
     settings = dict(seed=seed, pilot=pilot, n_neighbors=n_neighbors, batch_fraction=batch_fraction, min_batch=min_batch,
-                    heteroscedastic=heteroscedastic, extra_features=0 if extra_features is None else int(np.asarray(extra_features).reshape(n, -1).shape[1]),
+                    heteroscedastic=heteroscedastic, neighbours=neighbours, extra_features=0 if extra_features is None else int(np.asarray(extra_features).reshape(n, -1).shape[1]),
                     labels_for_report=labels)
     orders = sample_orders(labels, k, seed)
 
@@ -454,12 +477,23 @@ def adaptive_degradation(
     best_sim = np.full((n, n_neighbors), -np.inf, dtype=np.float32)
     best_idx = np.full((n, n_neighbors), -1, dtype=np.int64)
 
+    everyone = np.arange(n)
+
     def add_neighbours(new: np.ndarray) -> None:
-        for c in np.unique(labels[new]):
-            mem, nc = members[c], new[labels[new] == c]
-            sim = X[mem] @ X[nc].T
-            sim[mem[:, None] == nc[None, :]] = -np.inf  # never one's own neighbour: predictions stay leave-one-out
-            best_sim[mem], best_idx[mem] = knn_merge(best_sim[mem], best_idx[mem], sim, nc)
+        if neighbours == "cluster":
+            groups = [(members[c], new[labels[new] == c]) for c in np.unique(labels[new])]
+        else:
+            groups = [(everyone, new)]
+        for rows, cols in groups:
+            # In blocks, so memory stays O(block²) whatever the pool and the batch.
+            for r0 in range(0, rows.size, 8192):
+                r = rows[r0 : r0 + 8192]
+                for c0 in range(0, cols.size, 1024):
+                    nc = cols[c0 : c0 + 1024]
+                    sim = X[r] @ X[nc].T
+                    sim[r[:, None] == nc[None, :]] = -np.inf  # never one's own neighbour: predictions stay leave-one-out
+                    top_sim, top_idx = chunk_topk(sim, nc, n_neighbors)
+                    best_sim[r], best_idx[r] = knn_merge(best_sim[r], best_idx[r], top_sim, top_idx)
 
     add_neighbours(np.flatnonzero(scored))
     cluster_mean = cds  # fallback prediction where a sample has no scored neighbour
