@@ -222,6 +222,7 @@ def test_confidence_one_is_exhaustive_exactly():
     out = adaptive_selection(res, labels, rank)
     assert out.selected == ref.selected and np.array_equal(out.decisions, ref.decisions)
     assert np.array_equal(res.priority(rank), individual_efficiency(jsd, n_x, n_y))
+    assert json.loads(json.dumps(res.to_dict(), allow_nan=False))["rank_correlation"] is None  # no predictor ran
 
 
 def test_same_seed_same_selection_other_seed_other_sample():
@@ -263,7 +264,7 @@ def test_result_is_json_ready_and_depth_shortfall():
     labels, X, jsd, n_x, n_y = smooth_pool(n=300, noise=0.02)
     res = adaptive_degradation(Lookup(jsd), labels, lambda c: np.array([5, 5, 5]), X, n_prompt=n_x, n_response=n_y,
                                confidence=0.8, extra=2)
-    d = json.loads(json.dumps(res.to_dict()))
+    d = json.loads(json.dumps(res.to_dict(), allow_nan=False))
     assert d["samples_scored"] == res.n_scored and len(d["clusters"]["cds_ci"]) == 3
     assert d["clusters"]["certified_depth"] == [7, 7, 7] and sum(d["clusters"]["scored"]) == res.n_scored
     assert depth_shortfall(np.array([7, 9, 3]), res).tolist() == [0, 2, 0]

@@ -320,21 +320,27 @@ class AdaptiveResult:
         return out
 
     def to_dict(self) -> dict:
-        """JSON-ready summary for report.json (per-cluster lists; per-sample scores go in the table)."""
+        """JSON-ready summary for report.json (per-cluster lists; per-sample scores go in the
+        table). Strict JSON: a value that is not finite (no correlation yet, an interval from
+        one sample) is null."""
         n = int(self.jsd.size)
+
+        def num(x: float) -> float | None:
+            return float(x) if math.isfinite(x) else None
+
         d = {
             "scoring": "adaptive",
             "confidence": self.confidence,
             "cds_rel_error": self.cds_rel_error,
             "samples_scored": self.n_scored,
             "fraction_scored": self.n_scored / n if n else 0.0,
-            "rank_correlation": self.rank_correlation,
+            "rank_correlation": num(self.rank_correlation),
             "rounds": self.rounds,
             "clusters": {
                 "sizes": self.cluster_sizes.tolist(),
                 "sample_sizes": self.sample_sizes.tolist(),
                 "cds": self.cds.tolist(),
-                "cds_ci": [[float(c - h), float(c + h)] for c, h in zip(self.cds, self.cds_half_width)],
+                "cds_ci": [[num(c - h), num(c + h)] for c, h in zip(self.cds, self.cds_half_width)],
                 "n_k": self.n_k.tolist(),
                 "certified_depth": self.depth.tolist(),
                 "scored": np.bincount(self.settings["labels_for_report"][self.scored], minlength=len(self.cds)).tolist()
@@ -495,17 +501,20 @@ def adaptive_degradation(
                     top_sim, top_idx = chunk_topk(sim, nc, n_neighbors)
                     best_sim[r], best_idx[r] = knn_merge(best_sim[r], best_idx[r], top_sim, top_idx)
 
-    add_neighbours(np.flatnonzero(scored))
+    if not scored.all():  # nothing to search when everything is scored (confidence 1)
+        add_neighbours(np.flatnonzero(scored))
     cluster_mean = cds  # fallback prediction where a sample has no scored neighbour
     expected = np.zeros(k)
     done = np.array([scored[members[c]].all() or depth[c] == 0 for c in range(k)], dtype=bool)
     rho = math.nan
-    while True:
+    while not done.all():
         fb = cluster_mean[labels]
         feats = predictor_features(knn_mean(best_idx, np.nan_to_num(jsd), fb), n_prompt, n_response, extra_features)
         coef = fit_linear(feats[s_idx], jsd[s_idx])
         pred = feats @ coef
-        e = jsd[s_idx] - pred[s_idx]
+        # Residuals on the points the coefficients were fitted to are too small by about
+        # sqrt((m - p) / m) (p coefficients); undo that so the bound is not optimistic.
+        e = (jsd[s_idx] - pred[s_idx]) * math.sqrt(s_idx.size / max(s_idx.size - feats.shape[1], 1))
         if heteroscedastic and n_response is not None:
             s_scale, scale = residual_scale(e, np.asarray(n_response)[s_idx], np.asarray(n_response))
         else:
