@@ -95,7 +95,13 @@ def random_control(data, n_scored, n_k, rank_fn, seed):
     return set(sel)
 
 
-PREDICTORS = {"knn+len": dict(heteroscedastic=False), "+het": dict(heteroscedastic=True), "+het+text": dict(heteroscedastic=True, text=True)}
+# kNN within the cluster (the default), or over the whole pool ("/global").
+PREDICTORS = {
+    "knn+len": dict(heteroscedastic=False),
+    "+het": dict(heteroscedastic=True),
+    "+het+text": dict(heteroscedastic=True, text=True),
+    "+het+text/global": dict(heteroscedastic=True, text=True, neighbours="global"),
+}
 
 
 def run(data, budget, ranking, confidence, cds_rel_error, seed, exact_quota=False, predictor="+het+text", ntm=False):
