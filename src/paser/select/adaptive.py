@@ -27,8 +27,8 @@ by the ranking in force (IES, or plain JSD). Both can be had from a fraction of 
 
    Chosen by measurement (benchmarks/adaptive_sim.py, archived Wanda-50 % scores of the
    2,000-record pool): length-scaled residuals and text statistics each lowered the tokens
-   scored at equal overlap (at confidence 0.9: 75 % -> 62 % -> 52 % of the tokens, overlap
-   0.96 / 0.95 / 0.95 with exhaustive); kNN over the whole pool instead of the cluster did not. Screening on a truncated response
+   scored at equal overlap (at confidence 0.9: 74 % -> 62 % -> 51 % of the tokens, overlap
+   0.96 / 0.95 / 0.94 with exhaustive); kNN over the whole pool instead of the cluster did not. Screening on a truncated response
    was ruled out by arithmetic: prompts are 48 % of that pool's tokens (71 of 148 per
    sample) and a screen must run both models over the whole prompt, so screening alone
    would cost more than half of exhaustive scoring.
