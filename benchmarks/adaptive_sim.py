@@ -130,6 +130,9 @@ def run(data, budget, ranking, confidence, cds_rel_error, seed, exact_quota=Fals
     secs = time.time() - t
     sel = set(out.selected)
     ctrl = random_control(data, res.n_scored, res.n_k, rank_fn, seed)
+    # What the misses give up: the selection's mean JSD and mean ranking value against exhaustive's.
+    a, r = np.array(sorted(sel)), np.array(sorted(ref))
+    all_rank = rank_fn(jsd, np.arange(jsd.size))
     true_cds = np.bincount(labels, weights=jsd, minlength=k) / sizes
     covered = np.abs(res.cds - true_cds) <= res.cds_half_width + 1e-12
     return dict(
@@ -139,6 +142,9 @@ def run(data, budget, ranking, confidence, cds_rel_error, seed, exact_quota=Fals
         fraction_sampled=float(res.sampled.mean()),
         overlap=len(sel & ref) / len(ref),
         overlap_random_control=len(ctrl & ref) / len(ref),
+        jsd_ratio=float(jsd[a].mean() / jsd[r].mean()),
+        jsd_ratio_random_control=float(jsd[np.array(sorted(ctrl))].mean() / jsd[r].mean()),
+        rank_ratio=float(all_rank[a].mean() / all_rank[r].mean()),
         quota_l1=int(np.abs(res.n_k - n_k_ref).sum()),
         cds_ci_coverage=float(covered.mean()),
         rank_correlation=res.rank_correlation,
@@ -172,13 +178,13 @@ def main():
     settings += [("ies", "+het+text", c, 0.1, True) for c in a.confidence]  # search alone: the exhaustive quotas
     settings += [(r, "+het+text", c, 0.1, False) for r in a.ranking if r != "ies" for c in a.confidence]
     settings += [(r, "+het+text", 1.0, 0.1, False) for r in a.ranking]
-    print(f"{'rank':4} {'predictor':10} {'conf':>5} {'eps':>4} {'quota':>5} | {'scored':>6} {'tokens':>6} {'sample':>6} | {'overlap':>7} {'ctrl':>5} {'L1':>4} {'cover':>5} {'rho':>5}")
+    print(f"{'rank':4} {'predictor':10} {'conf':>5} {'eps':>4} {'quota':>5} | {'scored':>6} {'tokens':>6} {'sample':>6} | {'overlap':>7} {'ctrl':>5} {'jsd%':>5} {'ctrl%':>5} {'L1':>4} {'cover':>5} {'rho':>5}")
     for ranking, pred, conf, eps, exact in settings:
         rs = [run(data, a.budget, ranking, conf, eps, s, exact_quota=exact, predictor=pred, ntm=a.ntm) for s in range(a.seeds)]
         rows.extend(rs)
         m = {key: float(np.mean([r[key] for r in rs])) for key in rs[0] if isinstance(rs[0][key], (int, float)) and not isinstance(rs[0][key], bool)}
         print(f"{ranking:4} {pred:10} {conf:5.2f} {eps:4.2f} {'exact' if exact else 'est':>5} | {m['fraction_scored']:6.3f} {m['fraction_tokens']:6.3f} "
-              f"{m['fraction_sampled']:6.3f} | {m['overlap']:7.3f} {m['overlap_random_control']:5.3f} {m['quota_l1']:4.1f} "
+              f"{m['fraction_sampled']:6.3f} | {m['overlap']:7.3f} {m['overlap_random_control']:5.3f} {100 * m['jsd_ratio']:5.1f} {100 * m['jsd_ratio_random_control']:5.1f} {m['quota_l1']:4.1f} "
               f"{m['cds_ci_coverage']:5.2f} {m['rank_correlation']:5.2f}", flush=True)
     if a.out:
         Path(a.out).write_text(json.dumps({"budget": a.budget, "pool": 2000, "rows": rows}, indent=1))

@@ -7,7 +7,6 @@ import copy
 
 import numpy as np
 import pytest
-import torch
 
 from conftest import magnitude_prune_, tiny_llama
 
