@@ -237,3 +237,16 @@ def test_pipeline_variants_are_validated_before_any_stage(tmp_path, tiny_model_d
     cfg = write_pipeline_config(tmp_path / "exp.yaml", tiny_model_dir, tiny_pruned_dir, tmp_path / "run", [{"label": "p", "method": "best"}])
     assert main(["pipeline", "--config", str(cfg)]) == 2
     assert "unknown method 'best'" in capsys.readouterr().err
+
+
+def test_adaptive_scoring_at_confidence_1_equals_exhaustive_and_scores_less_below(tmp_path, tiny_model_dir, tiny_pruned_dir, one_thread):
+    ex = _select(tmp_path, tiny_model_dir, tiny_pruned_dir, tmp_path / "ex", "--method", "paser", "--budget", "10")
+    ad1 = _select(tmp_path, tiny_model_dir, tiny_pruned_dir, tmp_path / "ad1", "--method", "paser", "--budget", "10",
+                  "--scoring", "adaptive", "--confidence", "1")
+    ids = lambda d: [r.id for r in load_records(d / "selected.jsonl")[0]]
+    assert ids(tmp_path / "ad1") == ids(tmp_path / "ex")
+    assert ad1["adaptive"]["tokens_scored"] == ad1["adaptive"]["tokens_total"]
+    ad = _select(tmp_path, tiny_model_dir, tiny_pruned_dir, tmp_path / "ad", "--method", "paser", "--budget", "10",
+                 "--scoring", "adaptive", "--confidence", "0.5", "--cache-dir", str(tmp_path / "cache2"))
+    assert ad["selected"] == 10 and ad["jsd"]["scored"] <= 60
+    assert set(ad["adaptive"]) >= {"clusters", "confidence", "rank_correlation", "tokens_scored"} and "cds_ci" in ad["adaptive"]["clusters"]

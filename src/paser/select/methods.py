@@ -15,6 +15,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -74,38 +75,46 @@ def run_paser(ctx: Context):
     args, records, table, report, timings = ctx.args, ctx.records, ctx.table, ctx.report, ctx.timings
     allocation = get(ALLOCATION_RULES, args.allocation, "allocation rule")
     ranking = get(RANKINGS, args.ranking, "ranking")
-    t = time.time()
-    scores = _score_paser(args, records, {"original": ctx.original, "pruned": ctx.pruned}, ctx.cache)
-    timings["score"] = time.time() - t
-    report["scoring"] = scores.stats.__dict__ if hasattr(scores.stats, "__dict__") else {}
-    jsd = np.asarray(scores.jsd, dtype=np.float64)
-    n_prompt, n_resp = np.asarray(scores.n_prompt), np.asarray(scores.n_response)
-
-    t = time.time()
     labels, k = ctx.clusters.labels, ctx.clusters.k
-    cds = cluster_degradation(jsd, labels, k)
     sizes = ctx.unit_sizes(labels, k)
-    weights = allocation.fn(cds, sizes, args.tau)
-    n_k = allocate_budget(weights, sizes, ctx.budget)
-    priority = ranking.fn(jsd, n_prompt, n_resp)
-    timings["budget"] = time.time() - t
-
-    t = time.time()
-    gate = None
-    concepts = None
     threshold = args.ntm_threshold if args.ntm_threshold is not None else DEFAULT_THRESHOLD
+    concepts = None
     if args.ntm:
         concepts = extract_concepts(records, max_phrases=args.ntm_max_phrases, multiword_only=args.ntm_multiword_only, progress=False)
-        gate = NTMGate(concepts, threshold=threshold)
-    # Clusters are filled in decreasing order of their allocation weight (CDS for Eq. 6), and
-    # shortfalls pass on by the same weights.
-    outcome = select_with_budget(labels, priority, n_k, gate, cds=weights, priority=priority, cost=ctx.cost)
-    timings["ntm_select"] = time.time() - t
+    if args.scoring == "adaptive":
+        scores, outcome, gate, ad = _adaptive_paser(ctx, sizes, allocation, concepts, threshold)
+        report["adaptive"] = ad.to_dict()
+        jsd = ad.jsd
+        cds, n_k, weights = ad.cds, ad.n_k, ad.cds
+        priority = ad.priority(_adaptive_rank(args.ranking, scores.n_prompt, scores.n_response))
+    else:
+        t = time.time()
+        scores = _score_paser(args, records, {"original": ctx.original, "pruned": ctx.pruned}, ctx.cache)
+        timings["score"] = time.time() - t
+        jsd = np.asarray(scores.jsd, dtype=np.float64)
+
+        t = time.time()
+        cds = cluster_degradation(jsd, labels, k)
+        weights = allocation.fn(cds, sizes, args.tau)
+        n_k = allocate_budget(weights, sizes, ctx.budget)
+        priority = ranking.fn(jsd, scores.n_prompt, scores.n_response)
+        timings["budget"] = time.time() - t
+
+        t = time.time()
+        gate = NTMGate(concepts, threshold=threshold) if args.ntm else None
+        # Clusters are filled in decreasing order of their allocation weight (CDS for Eq. 6),
+        # and shortfalls pass on by the same weights.
+        outcome = select_with_budget(labels, priority, n_k, gate, cds=weights, priority=priority, cost=ctx.cost)
+        timings["ntm_select"] = time.time() - t
+    report["scoring"] = scores.stats.__dict__ if hasattr(scores.stats, "__dict__") else {}
+    n_prompt, n_resp = np.asarray(scores.n_prompt), np.asarray(scores.n_response)
 
     from paser.select.efficiency import individual_efficiency
 
-    table.update(jsd=jsd, n_prompt=n_prompt, n_response=n_resp, cost=(n_prompt + n_resp).astype(np.float64) ** 2,
-                 ies=individual_efficiency(jsd, n_prompt, n_resp))
+    scored = np.isfinite(jsd)
+    ies = np.full(len(jsd), np.nan)
+    ies[scored] = individual_efficiency(jsd[scored], n_prompt[scored], n_resp[scored])
+    table.update(jsd=jsd, n_prompt=n_prompt, n_response=n_resp, cost=(n_prompt + n_resp).astype(np.float64) ** 2, ies=ies)
     if args.ranking != "ies":
         table["priority"] = priority
     table["nll_pruned"] = np.asarray(scores.nll_pruned)
@@ -122,7 +131,8 @@ def run_paser(ctx: Context):
     )
     report["paser"] = {"allocation": args.allocation, "tau": args.tau, "ranking": args.ranking,
                        "budget_unit": "tokens" if ctx.cost is not None else "records"}
-    report["jsd"] = {"mean": float(jsd.mean()), "min": float(jsd.min()), "max": float(jsd.max())}
+    report["jsd"] = {"mean": float(np.nanmean(jsd)), "min": float(np.nanmin(jsd)), "max": float(np.nanmax(jsd)),
+                     "scored": int(np.isfinite(jsd).sum())}
     report["ntm"] = {
         "enabled": gate is not None,
         "threshold": threshold,
@@ -157,6 +167,63 @@ def run_uniform(ctx: Context):
     selected, n_k = uniform_selection(ctx.clusters.labels, ctx.budget, ctx.args.seed, ctx.cost)
     ctx.report["clusters"]["n_k"] = n_k.tolist()
     return selected, None
+
+
+def _adaptive_rank(ranking: str, n_prompt, n_response):
+    """The ranking in force, in the form adaptive scoring takes: (jsd of idx, idx) -> priority."""
+    from paser.select.adaptive import ies_rank, jsd_rank
+
+    n_response = np.asarray(n_response, dtype=np.float64)
+    return {"ies": ies_rank(np.asarray(n_prompt), np.asarray(n_response)), "jsd": jsd_rank,
+            "jsd-sum": lambda jsd, idx: np.asarray(jsd, dtype=np.float64) * n_response[idx]}[ranking]
+
+
+def _adaptive_paser(ctx: Context, sizes, allocation, concepts, threshold):
+    """PASER with adaptive scoring (`--scoring adaptive`, `paser.select.adaptive`): a stratified
+    sample per cluster gives CDS with confidence intervals, and a kNN predictor over the S2RIC
+    embeddings orders the rest, scored until each cluster's top n_k is found at `--confidence`.
+    Every score comes from the engine, so caching, resume and determinism are the engine's.
+    Returns (scores of the scored records, SelectionOutcome, the last gate, AdaptiveResult)."""
+    from paser.errors import PaserError
+    from paser.score.engine import encode_records, score_degradation
+    from paser.select.adaptive import adaptive_select, text_statistics
+    from paser.select.budget import allocate_budget
+    from paser.select.concepts import NTMGate
+
+    args, records = ctx.args, ctx.records
+    if ctx.cost is not None:
+        raise PaserError("--scoring adaptive takes a record budget for now (a token budget needs token quotas in its search)")
+    t = time.time()
+    enc = {it.id: it for it in encode_records(records, ctx.pruned.tokenizer, args.template, args.cutoff)}
+    n_prompt = np.array([enc[r.id].n_prompt for r in records], dtype=np.int64)
+    n_resp = np.array([enc[r.id].n_response for r in records], dtype=np.int64)
+    kw = {**ctx.score_kw(), "progress": False}
+    last: dict = {}
+
+    def score_fn(idx):
+        last["scores"] = score_degradation(ctx.original, ctx.pruned, [records[i] for i in idx], **kw)
+        return np.asarray(last["scores"].jsd, dtype=np.float64)
+
+    gates: list = []
+
+    def make_gate():
+        gates.append(NTMGate(concepts, threshold=threshold))
+        return gates[-1]
+
+    ad, outcome = adaptive_select(
+        score_fn, ctx.clusters.labels, lambda c: allocate_budget(allocation.fn(c, sizes, args.tau), sizes, ctx.budget),
+        ctx.embeddings, rank_fn=_adaptive_rank(args.ranking, n_prompt, n_resp), make_gate=make_gate if concepts is not None else None,
+        n_prompt=n_prompt, n_response=n_resp, confidence=args.confidence, seed=args.seed,
+        extra_features=text_statistics([r.instruction + "\n" + r.input for r in records], [r.output for r in records]),
+    )
+    ctx.timings["score"] = time.time() - t
+    # the per-record byproducts (both models' NLL) of every scored record, from the cache
+    scored = np.flatnonzero(ad.scored)
+    full = score_degradation(ctx.original, ctx.pruned, [records[i] for i in scored], **kw)
+    out = SimpleNamespace(n_prompt=n_prompt, n_response=n_resp, stats=full.stats,
+                          nll_pruned=np.full(len(records), np.nan), nll_original=np.full(len(records), np.nan))
+    out.nll_pruned[scored], out.nll_original[scored] = full.nll_pruned, full.nll_original
+    return out, outcome, (gates[-1] if gates else None), ad
 
 
 # ----------------------------------------------------------------------------- loss-based baselines
