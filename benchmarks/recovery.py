@@ -132,23 +132,27 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     cfg_path = out / "experiment.yaml"
     cfg_path.write_text(yaml.safe_dump(config(out, args.quick, args.structured, archive), sort_keys=False))
+    return summarise_or_run(cfg_path, out, archive, args.summary)
+
+
+def summarise_or_run(cfg_path: Path, out: Path, archive: Path | None, summary: bool, keep: list[str] = MAIN_COLUMNS) -> int:
+    """`--summary`: the tables from the archive (or this machine's results.json); else run the
+    pipeline of `cfg_path` (resuming whatever the caches and the archive hold)."""
     from paser.pipeline import archived_results, run_pipeline
 
-    if args.summary:
+    if summary:
         res = archived_results(cfg_path) if archive else None
         if res is None and (out / "results.json").exists():
             res = json.loads((out / "results.json").read_text())
         if not res or not res["rows"]:
             print(f"no results yet (archive {archive}, run {out}); run without --summary first", file=sys.stderr)
             return 2
-        print(summary_tables(res))
+        print(summary_tables(res, keep))
         return 0
-
     print(run_pipeline(cfg_path))
     res = json.loads((out / "results.json").read_text())
     print(f"\nconfiguration: {cfg_path}\nresults: {out / 'results.json'}; failures: {len(res['failures'])}")
     return 1 if res["failures"] else 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

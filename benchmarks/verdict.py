@@ -42,7 +42,7 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from recovery import MAIN_COLUMNS, summary_tables  # noqa: E402  (the same tables as the first benchmark)
+from recovery import MAIN_COLUMNS, summarise_or_run  # noqa: E402  (the same tables as the first benchmark)
 
 COLUMNS = [c for c in MAIN_COLUMNS if c != "Mean acc"] + [
     "held-out JSD code", "held-out JSD general", "held-out JSD math", "held-out JSD all"]
@@ -148,23 +148,10 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     cfg_path = out / "experiment.yaml"
     cfg_path.write_text(yaml.safe_dump(config(args.experiment, args.best, out, None if args.quick else archive, args.quick), sort_keys=False))
-    from paser.pipeline import archived_results, run_pipeline
-
-    if args.summary:
-        res = archived_results(cfg_path)
-        if not res or not res["rows"]:
-            print(f"no results yet in {archive}; run without --summary first", file=sys.stderr)
-            return 2
-        print(summary_tables(res, COLUMNS))
-        return 0
-    if args.experiment == "damage":
+    if args.experiment == "damage" and not args.summary:
         print(damage_report(cfg_path))
         return 0
-    print(run_pipeline(cfg_path))
-    res = json.loads((out / "results.json").read_text())
-    print(f"\nconfiguration: {cfg_path}\nresults: {out / 'results.json'}; failures: {len(res['failures'])}")
-    return 1 if res["failures"] else 0
-
+    return summarise_or_run(cfg_path, out, None if args.quick else archive, args.summary, COLUMNS)
 
 if __name__ == "__main__":
     sys.exit(main())
