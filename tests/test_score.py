@@ -390,9 +390,9 @@ def test_softcapped_head_is_reproduced():
         num_key_value_heads=2, head_dim=8, final_logit_softcapping=2.0, initializer_range=0.3,
     )
     m = Gemma2ForCausalLM(cfg).eval()
-    view = eng._ModelView(m)
+    view = eng.ModelView(m)
     assert view.softcap == 2.0
-    item = eng._Item("x", tuple(range(3, 40)), 5)
+    item = eng.ScoreItem("x", tuple(range(3, 40)), 5)
     with torch.inference_mode():
         err = view.verify(item)
         logits = view.logits(view.hidden(torch.tensor([item.input_ids]))[0])

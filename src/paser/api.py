@@ -8,10 +8,15 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from paser.config import EvaluateArgs, PruneArgs, RecoverArgs, SelectArgs
 from paser.errors import PaserError
+from paser.results import EvaluationResult, PruneResult
+
+if TYPE_CHECKING:  # pragma: no cover
+    from paser.select.estimate import Estimate
+    from paser.select.run import SelectionResult
 
 
 def _coerce_args(cls: type, args: Any, kwargs: dict) -> Any:
@@ -27,7 +32,7 @@ def _need(value: Any, flag: str, command: str) -> None:
         raise PaserError(f"{command} needs {flag}")
 
 
-def prune(args: PruneArgs | None = None, **kwargs) -> str:
+def prune(args: PruneArgs | None = None, **kwargs) -> PruneResult:
     """Prune a model and write a from_pretrained directory with pruning_report.json."""
     a = _coerce_args(PruneArgs, args, kwargs)
     _need(a.out, "--out DIR", "prune")
@@ -48,32 +53,24 @@ def prune(args: PruneArgs | None = None, **kwargs) -> str:
         seed=a.seed,
         allow_pickle=a.allow_pickle,
     )
-    lines = [f"pruned model written to {a.out} (report: {Path(a.out) / 'pruning_report.json'})"]
-    if report.get("achieved_sparsity") is not None:
-        lines.append(f"achieved sparsity: {report['achieved_sparsity']:.4f}")
-    ppl = report.get("perplexity") or {}
-    if "before" in ppl and "after" in ppl:
-        val = lambda v: v["ppl"] if isinstance(v, dict) else v
-        lines.append(f"WikiText-2 perplexity: before {val(ppl['before']):.2f}, after {val(ppl['after']):.2f}")
-    return "\n".join(lines)
+    return PruneResult(Path(a.out), report)
 
 
-def select(args: SelectArgs | None = None, **kwargs) -> str:
+def select(args: SelectArgs | None = None, **kwargs) -> "SelectionResult":
     """Score and select recovery data; writes selected.jsonl, scores.parquet, report.json, plots."""
     a = _coerce_args(SelectArgs, args, kwargs)
     _need(a.out, "--out DIR", "select")
     from paser.select.run import run_selection
 
-    result = run_selection(a)
-    return result.summary()
+    return run_selection(a)
 
 
-def estimate(args: SelectArgs | None = None, **kwargs) -> str:
+def estimate(args: SelectArgs | None = None, **kwargs) -> "Estimate":
     """Predict tokens, forward passes, time and peak memory of `select` before running it."""
     a = _coerce_args(SelectArgs, args, kwargs)
     from paser.select.estimate import estimate_selection
 
-    return estimate_selection(a).summary()
+    return estimate_selection(a)
 
 
 def recover(args: RecoverArgs | None = None, **kwargs) -> str:
@@ -117,11 +114,11 @@ def recover(args: RecoverArgs | None = None, **kwargs) -> str:
     return msg
 
 
-def evaluate(args: EvaluateArgs | None = None, **kwargs) -> str:
+def evaluate(args: EvaluateArgs | None = None, **kwargs) -> EvaluationResult:
     """Perplexity and zero-shot accuracy; writes a results JSON with provenance."""
     a = _coerce_args(EvaluateArgs, args, kwargs)
     _need(a.model, "--model", "evaluate")
-    from paser.evaluate.runner import evaluate_model, format_results
+    from paser.evaluate.runner import evaluate_model
 
     results = evaluate_model(
         a.model,
@@ -137,7 +134,7 @@ def evaluate(args: EvaluateArgs | None = None, **kwargs) -> str:
         heldout_split=a.heldout_split,
         include_path=a.include_path,
     )
-    return format_results(results) + f"\nresults written to {a.out}"
+    return EvaluationResult(results, Path(a.out))
 
 
 def pipeline(config: str, out: str | None = None) -> str:

@@ -145,8 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         _set_threads(ns.threads)
         result = _run(ns)
-        if isinstance(result, str):
-            print(result)
+        if result is not None:
+            print(result)  # every stage's result prints as its summary
         failed = int(getattr(result, "failed", 0) or 0)
         if failed:
             print(f"{prog}: {failed} stage(s) failed; their errors are in the report", file=sys.stderr)

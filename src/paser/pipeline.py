@@ -388,7 +388,7 @@ def plan_rows(cfg: PipelineConfig) -> list[PlannedRow]:
     and it costs as much as all the budgeted units together, so the seeded comparisons
     should not wait for it.
     """
-    from paser.report.experiment import unit_label
+    from paser.results import unit_label
 
     prune_key = _prune_key(cfg)
     ev = dict(cfg.evaluate)
@@ -467,14 +467,13 @@ def _unit_options(cfg: PipelineConfig, pruned_dir: str, entry: MethodEntry, budg
 
 def _run_unit(cfg: PipelineConfig, root: Path, pruned_dir: str, prune_key: dict, entry: MethodEntry, budget: str, seed: int, timed, evaluate) -> dict:
     from paser import api
-    from paser.report.experiment import unit_label
+    from paser.results import unit_label
 
     sel_opts, rec_opts = _unit_options(cfg, pruned_dir, entry, budget, seed)
     label, method = unit_label(entry.label, budget, seed), entry.label
     sel = Stage(root, "select", label, {**sel_opts, "pruned": prune_key})
     if not sel.done:
-        timed("select", api.select, SelectArgs(**{k: v for k, v in sel_opts.items()}, out=str(sel.dir)))
-        rep = json.loads((sel.dir / "report.json").read_text())
+        rep = timed("select", api.select, SelectArgs(**{k: v for k, v in sel_opts.items()}, out=str(sel.dir))).report
         sel.finish({"selected": rep.get("selected"), "seconds": rep.get("timings_s", {}).get("total"), "tokens_scored": rep.get("scoring", {}).get("tokens"),
                     "selected_tokens": rep.get("selected_tokens"), "budget_unit": rep.get("budget_unit")})
     sel_info = sel.info()

@@ -36,21 +36,21 @@ def response_nll_sums(
     (`benchmarks/heldout_eval.py`). A model without a separate head is scored by full forwards.
     """
     from paser.errors import ModelError
-    from paser.score.engine import _Item, _ModelView
+    from paser.score.engine import ScoreItem, ModelView
 
     device = next(model.parameters()).device
     sums = np.zeros(len(examples))
     counts = np.zeros(len(examples), dtype=np.int64)
     order = sorted(range(len(examples)), key=lambda i: -len(examples[i][0]))
     try:
-        view: _ModelView | None = _ModelView(model)
+        view: ModelView | None = ModelView(model)
     except (ModelError, AttributeError):  # no decoder / LM head to split the model into
         view = None
     bar = tqdm(total=sum(len(e[0]) for e in examples), unit="tok", unit_scale=True, desc=desc, disable=not show_progress)
     with torch.inference_mode():
         if examples and view is not None:
             shortest = min(examples, key=lambda e: len(e[0]))
-            view.verify(_Item("verify", tuple(shortest[0]), shortest[1]))
+            view.verify(ScoreItem("verify", tuple(shortest[0]), shortest[1]))
         for s in range(0, len(order), batch_size):
             idx = order[s : s + batch_size]
             L = max(len(examples[i][0]) for i in idx)
@@ -67,7 +67,7 @@ def response_nll_sums(
                 tgts += seq[start:]
             if rows:
                 # Right padding and causal attention: no real position attends to padding,
-                # so no mask is needed (see _ModelView.hidden).
+                # so no mask is needed (see ModelView.hidden).
                 h = view.hidden(ids.to(device)) if view is not None else model(input_ids=ids.to(device), use_cache=False).logits
                 r_idx, c_idx = torch.tensor(rows, device=h.device), torch.tensor(cols, device=h.device)
                 logits = (view.logits(h[r_idx, c_idx]) if view is not None else h[r_idx, c_idx]).float()

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from paser.io.cache import atomic_write_text
+from paser.results import unit_label
 from paser.report.paired import paired_table, task_results
 
 TASK_LABELS = {
@@ -292,12 +293,6 @@ def _plot_by_method(rows: list[dict], path: Path) -> bool:
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(6))
     _save_figure(fig, path)
     return True
-
-
-def unit_label(method: str, budget, seed) -> str:
-    """The name of one select/recover/evaluate unit, as its stage directories and the
-    report's tables use it; a budget-less row (dense, unrecovered) is named by its method."""
-    return method if seed is None else f"{method}-b{budget}-s{seed}"
 
 
 def _row_label(row: dict) -> str:

@@ -15,6 +15,7 @@ import math
 
 import numpy as np
 
+from paser.results import unit_label
 from paser.report.paired import paired_difference, task_results
 
 REFERENCE_METHODS = ("full",)  # rows with a budget that are references, not selections
@@ -42,10 +43,6 @@ def _value(results: dict, task: str, key: str) -> float | None:
     return float(r[key]) if r.get(key) is not None else None
 
 
-def _unit_label(row: dict) -> str:
-    return f"{row['method']}-b{row.get('budget')}-s{row.get('seed')}"
-
-
 def _cost(rows: list[dict], selections: dict) -> tuple[float | None, float | None]:
     """Mean over seeds of (response tokens trained, select + recover seconds) as recorded."""
     tokens, secs = [], []
@@ -54,7 +51,7 @@ def _cost(rows: list[dict], selections: dict) -> tuple[float | None, float | Non
         if rec.get("tokens_trained") is not None:
             tokens.append(float(rec["tokens_trained"]))
         s_rec = rec.get("seconds_total", rec.get("seconds"))
-        s_sel = (selections.get(_unit_label(r)) or {}).get("seconds")
+        s_sel = (selections.get(unit_label(r["method"], r.get("budget"), r.get("seed"))) or {}).get("seconds")
         if s_rec is not None or s_sel is not None:
             secs.append(float(s_rec or 0) + float(s_sel or 0))
     return (float(np.mean(tokens)) if tokens else None, float(np.mean(secs)) if secs else None)

@@ -17,7 +17,7 @@ each model per sample at batch size 1 (twice), over every position. This engine 
 - takes `rank`/`world_size` so several processes can share one cache.
 
 Batch independence. With right padding and causal attention a sample's real tokens never
-see padding (so no attention mask is needed, see `_ModelView.hidden`), and its score does
+see padding (so no attention mask is needed, see `ModelView.hidden`), and its score does
 not depend on its batch mates except through floating-point reduction order (different
 GEMM shapes). Measured on a tiny Llama, batch 1 vs one batch of 40: max |ΔJSD_i| 7e-9,
 max |ΔNLL_i| 5e-7 (the tests allow 1e-5 / 1e-4). Within one cache, batches are formed from the full, sorted list of
@@ -170,7 +170,7 @@ def validate_hidden_index(cols: dict[str, np.ndarray]) -> str | None:
 
 
 @dataclass(frozen=True)
-class _Item:
+class ScoreItem:
     id: str
     input_ids: tuple[int, ...]
     n_prompt: int
@@ -186,13 +186,13 @@ class _Item:
 
 def encode_records(
     records: Sequence[Record], tokenizer, template: str, cutoff: int, condition_on_prompt: bool = True
-) -> list[_Item]:
+) -> list[ScoreItem]:
     """One item per distinct record id, encoded with the shared template.
 
     Unconditioned (loss(y), for IFD) keeps exactly the response tokens that the conditioned
     encoding keeps, after one start token, so loss(y|x) and loss(y) average the same tokens.
     """
-    items: dict[str, _Item] = {}
+    items: dict[str, ScoreItem] = {}
     start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     for rec in records:
         if rec.id in items:
@@ -202,15 +202,15 @@ def encode_records(
         except ValueError as e:  # unknown template, chat template missing
             raise PaserError(str(e)) from None
         if condition_on_prompt:
-            items[rec.id] = _Item(rec.id, tuple(enc.input_ids), enc.n_prompt)
+            items[rec.id] = ScoreItem(rec.id, tuple(enc.input_ids), enc.n_prompt)
         else:
             if start is None:
                 raise PaserError("scoring loss(y) without a prompt needs a tokenizer with a BOS or EOS token")
-            items[rec.id] = _Item(rec.id, (int(start),) + tuple(enc.input_ids[enc.n_prompt :]), 1)
+            items[rec.id] = ScoreItem(rec.id, (int(start),) + tuple(enc.input_ids[enc.n_prompt :]), 1)
     return list(items.values())
 
 
-def rank_share(items: Sequence[_Item], rank: int = 0, world_size: int = 1) -> list[_Item]:
+def rank_share(items: Sequence[ScoreItem], rank: int = 0, world_size: int = 1) -> list[ScoreItem]:
     """Sort by (length, id) and keep every world_size-th item from `rank`.
 
     The order depends only on the items, never on what is cached, so every rank agrees on
@@ -255,7 +255,7 @@ def plan_batches(
     return out[::-1]
 
 
-def _collate(batch: Sequence[_Item], pad_id: int, device: torch.device):
+def _collate(batch: Sequence[ScoreItem], pad_id: int, device: torch.device):
     """Right-padded ids [B, L] (L = longest in the batch), lengths [B], prompt sizes [B]."""
     L = max(it.length for it in batch)
     ids = torch.full((len(batch), L), pad_id, dtype=torch.long)
@@ -275,7 +275,7 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return get_base() if callable(get_base) else model
 
 
-class _ModelView:
+class ModelView:
     """A causal LM split into decoder (→ final hidden states) and LM head (→ logits).
 
     Running the head only where a response token is predicted saves most of the head's cost,
@@ -328,7 +328,7 @@ class _ModelView:
             logits = logits.div_(self.softcap).tanh_().mul_(self.softcap)
         return logits
 
-    def verify(self, item: _Item) -> float:
+    def verify(self, item: ScoreItem) -> float:
         """Max |split − direct| logit difference on one sample; switches to direct mode if large."""
         ids = torch.tensor([item.input_ids], device=self.device)
         direct = self.model(input_ids=ids, use_cache=False).logits[0].float()
@@ -347,7 +347,7 @@ class _ModelView:
         return err
 
 
-def _logit_size(view: _ModelView) -> int | None:
+def _logit_size(view: ModelView) -> int | None:
     head = view.head
     if head is not None and hasattr(head, "out_features"):
         return int(head.out_features)
@@ -355,7 +355,7 @@ def _logit_size(view: _ModelView) -> int | None:
     return int(w.shape[0]) if w is not None else None
 
 
-def check_same_vocabulary(view_o: _ModelView, view_p: _ModelView, name_o: str = "original", name_p: str = "pruned") -> None:
+def check_same_vocabulary(view_o: ModelView, view_p: ModelView, name_o: str = "original", name_p: str = "pruned") -> None:
     """The JSD compares two next-token distributions element by element: both models' LM heads
     must have one vocabulary size. Checked before any scoring, since an identical tokenizer
     does not imply it (a checkpoint padded to a multiple of 64 or 128 has extra rows)."""
@@ -476,11 +476,11 @@ def _pad_id(tokenizer) -> int:
     return 0
 
 
-BatchFn = Callable[[list[_Item]], dict[str, np.ndarray]]
+BatchFn = Callable[[list[ScoreItem]], dict[str, np.ndarray]]
 
 
 def _drive(
-    items: list[_Item],
+    items: list[ScoreItem],
     store: ShardStore,
     batch_fn: BatchFn,
     *,
@@ -564,7 +564,7 @@ def _drive(
 
 
 def _gather_results(
-    records: Sequence[Record], store: ShardStore, columns: list[str], items: list[_Item]
+    records: Sequence[Record], store: ShardStore, columns: list[str], items: list[ScoreItem]
 ) -> dict[str, np.ndarray]:
     """Cached columns in the order of `records`; NaN / -1 where a row is not (yet) scored."""
     cols = store.read()
@@ -583,12 +583,12 @@ def _gather_results(
     return out
 
 
-def _response_hidden(view: _ModelView, ids, lengths, n_prompt) -> tuple[torch.Tensor, torch.Tensor]:
+def _response_hidden(view: ModelView, ids, lengths, n_prompt) -> tuple[torch.Tensor, torch.Tensor]:
     h = view.hidden(ids)
     return gather_response(h, ids, lengths, n_prompt)
 
 
-def _logit_buffer(view: _ModelView, rows: int, cache: dict) -> torch.Tensor | None:
+def _logit_buffer(view: ModelView, rows: int, cache: dict) -> torch.Tensor | None:
     """A reusable [rows, V] buffer for `view.logits` (see divergence.Workspace for why)."""
     if view.direct:
         return None
@@ -656,7 +656,7 @@ def score_degradation(
         "version": ENGINE_VERSION,
     }
     store = ShardStore(cache_root / "scores" / "degradation" / stable_hash(key), meta=key, validate=validate_degradation_shard)
-    view_o, view_p = _ModelView(original.model), _ModelView(pruned.model)
+    view_o, view_p = ModelView(original.model), ModelView(pruned.model)
     check_same_vocabulary(view_o, view_p, original.name or "original", pruned.name or "pruned")
     for m in (original.model, pruned.model):
         m.eval()
@@ -685,7 +685,7 @@ def score_degradation(
             }
             hidden_cache = HiddenCache(cache_root / "scores" / "final_hidden" / stable_hash(hkey), hidden_dtype, meta=hkey)
 
-    def batch_fn(batch: list[_Item]) -> dict[str, np.ndarray]:
+    def batch_fn(batch: list[ScoreItem]) -> dict[str, np.ndarray]:
         ids, lengths, n_prompt = _collate(batch, pad, view_p.device)
         counts = [it.n_response for it in batch]
         cached = [hidden_cache.get(it.id, it.n_response) for it in batch] if hidden_cache is not None else None
@@ -792,12 +792,12 @@ def score_loss(
         "version": ENGINE_VERSION,
     }
     store = ShardStore(cache_root / "scores" / "loss" / stable_hash(key), meta=key, validate=validate_loss_shard)
-    view = _ModelView(model.model)
+    view = ModelView(model.model)
     model.model.eval()
     pad = _pad_id(tok)
     buffers: dict = {}
 
-    def batch_fn(batch: list[_Item]) -> dict[str, np.ndarray]:
+    def batch_fn(batch: list[ScoreItem]) -> dict[str, np.ndarray]:
         if not view.verified:
             view.verify(min(items, key=lambda it: (it.length, it.id)))
         ids, lengths, n_prompt = _collate(batch, pad, view.device)

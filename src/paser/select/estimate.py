@@ -48,6 +48,9 @@ class Estimate:
     def total_seconds(self) -> float:
         return float(sum(self.seconds.values()))
 
+    def __str__(self) -> str:
+        return self.summary()
+
     def summary(self) -> str:
         parts = ", ".join(f"{k} {v:.0f} s" for k, v in self.seconds.items())
         return (

@@ -35,6 +35,9 @@ class SelectionResult:
     out_dir: Path
     report: dict = field(default_factory=dict)
 
+    def __str__(self) -> str:
+        return self.summary()
+
     def summary(self) -> str:
         if "rank" in self.report:
             return f"rank {self.report['rank']}: scored its share into the cache; the main process writes the selection"
