@@ -286,7 +286,7 @@ class RecoverArgs(_Validated):
 @dataclass
 class EvaluateArgs(_Validated):
     model: str = _f("", "model directory, embedded name, or LoRA adapter directory")
-    tasks: str = _f("wikitext2,ptb,commonsense", "comma-separated: wikitext2, ptb, heldout (response loss), heldout_jsd (JSD to --reference on the held-out responses), boolq, piqa, hellaswag, winogrande, arc_easy, arc_challenge, openbookqa; or all / commonsense; or lm_eval:NAME for any lm-evaluation-harness task whose data is on this machine (e.g. lm_eval:mmlu, lm_eval:paser_arc_easy)", check=_check_tasks)
+    tasks: str = _f("wikitext2,ptb,heldout,commonsense", "comma-separated: wikitext2, ptb, heldout (response loss), heldout_jsd (JSD to --reference on the held-out responses), boolq, piqa, hellaswag, winogrande, arc_easy, arc_challenge, openbookqa; or all / commonsense; or lm_eval:NAME for any lm-evaluation-harness task whose data is on this machine (e.g. lm_eval:mmlu, lm_eval:paser_arc_easy)", check=_check_tasks)
     reference: str = _f("smollm2-135m", "heldout_jsd: the original (unpruned) model the evaluated model is compared with")
     heldout_split: str = _f("test", "held-out records: test (the 600 never in the pool) or dev (the dev split, for tuning)", choices=("test", "dev"))
     limit: int | None = _f(None, "items per task: a fixed, seeded subset so that runs compare", min=1)
@@ -294,7 +294,7 @@ class EvaluateArgs(_Validated):
     out: str = _f("results.json", "results file")
     ppl_window: int = _f(512, "perplexity window (tokens)", min=2)
     ppl_tokens: int = _f(16384, "perplexity tokens (a fixed slice from the start of the corpus)", min=1)
-    batch_size: int = _f(8, "batch size", min=1)
+    batch_size: int | None = _f(None, "batch size (default: 8 on a CPU, 32 on a GPU)", min=1)
     allow_pickle: bool = _f(False, "allow loading pickled checkpoints (trusted files only)")
     include_path: str | None = _f(None, "directory of your own lm-eval task YAMLs for lm_eval:NAME tasks (as lm_eval --include_path)")
 

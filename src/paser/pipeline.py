@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from paser.config import RecoverArgs, SelectArgs, _yaml_key_line, build_args, load_yaml
+from paser.config import EvaluateArgs, RecoverArgs, SelectArgs, _yaml_key_line, build_args, load_yaml
 from paser.errors import InputError, PaserError
 from paser.io.archive import ResultArchive, archive_key
 from paser.io.cache import atomic_write_json, default_cache_dir, stable_hash
@@ -202,15 +202,18 @@ def run_pipeline(config_path: str | Path, out: str | None = None) -> str:
                         "reused": [], "fingerprint_differs": []}
         log.info("archive %s: %d score files restored", archive.root, restored)
 
+    # The evaluate section as the real argument dataclass: its defaults are `paser evaluate`'s.
+    eva = build_args(EvaluateArgs, {k: v for k, v in ev.items() if k != "limits"})
+
     def evaluate(name: str, model: str) -> dict | None:
         """Evaluate one model; `evaluate.limits` ({task: n}) overrides `evaluate.limit` per task."""
         from paser.evaluate.runner import evaluate_model, load_for_evaluation, resolve_tasks
 
-        tasks = [t.strip() for t in str(ev.get("tasks", "wikitext2,ptb")).split(",") if t.strip()]
+        tasks = [t.strip() for t in eva.tasks.split(",") if t.strip()]
         limits = dict(ev.get("limits") or {})
         groups: dict = {}
         for t in resolve_tasks(tasks):
-            groups.setdefault(limits.get(t, ev.get("limit")), []).append(t)
+            groups.setdefault(limits.get(t, eva.limit), []).append(t)
         merged: dict | None = None
         try:
             loaded = timed("evaluate", load_for_evaluation, model)  # once, for every limit group
@@ -221,15 +224,16 @@ def run_pipeline(config_path: str | Path, out: str | None = None) -> str:
                     loaded,
                     tasks=group,
                     limit=limit,
-                    seed=int(ev.get("seed", 0)),
+                    seed=eva.seed,
                     out_path=None,
-                    ppl_window=int(ev.get("ppl_window", 512)),
-                    ppl_max_tokens=int(ev.get("ppl_tokens", 16384)),
-                    batch_size=ev.get("batch_size"),
+                    ppl_window=eva.ppl_window,
+                    ppl_max_tokens=eva.ppl_tokens,
+                    batch_size=eva.batch_size,
                     cache_dir=(Path(cfg.cache_dir) / "eval") if cfg.cache_dir else None,
+                    # the model that was pruned, unless the section names another reference
                     reference=ev.get("reference", cfg.original),
-                    heldout_split=ev.get("heldout_split", "test"),
-                    include_path=ev.get("include_path"),
+                    heldout_split=eva.heldout_split,
+                    include_path=eva.include_path,
                 )
                 res["limits"] = {t: limit for t in group}
                 if merged is None:
