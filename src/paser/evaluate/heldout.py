@@ -151,7 +151,9 @@ def heldout_loss(
 
     chosen = heldout_records(limit, seed, split, records)
     enc = [encode_example(r, tokenizer, template=template, cutoff=cutoff) for _, r in chosen]
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    from paser.io.adapter import pad_id as pad_of
+
+    pad_id = pad_of(tokenizer)
     sums, counts = response_nll_sums(
         model, [(e.input_ids, e.n_prompt) for e in enc], pad_id=int(pad_id), batch_size=batch_size, show_progress=show_progress
     )

@@ -55,6 +55,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from paser.io import adapter
 from paser.errors import PaserError
 
 log = logging.getLogger(__name__)
@@ -253,13 +254,6 @@ def _forward_params(model) -> set[str]:
         return set()
 
 
-def _pad_id(tokenizer) -> int:
-    for t in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
-        if t is not None:
-            return int(t)
-    return 0  # pragma: no cover
-
-
 def _cont_logprob(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """log softmax(logits)[target] over the full vocabulary, in float32: logit - logsumexp."""
     logits = logits.float()
@@ -356,7 +350,7 @@ def loglikelihoods(
     """
     device = next(model.parameters()).device
     max_len = _max_length(model)
-    pad_id = _pad_id(tokenizer)
+    pad_id = adapter.pad_id(tokenizer)
     enc = []
     for rid, (ctx_s, cont_s) in enumerate(requests):
         if not ctx_s:

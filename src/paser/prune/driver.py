@@ -28,6 +28,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from paser.io.adapter import decoder_layers, layers_prefix
 from paser.errors import PaserError
 from paser.prune.calibration import Calibration, load_calibration, tokenize_calibration
 from paser.prune.magnitude import magnitude_mask
@@ -71,15 +72,6 @@ _MLP = ("gate_proj", "up_proj", "down_proj")
 
 
 # ----------------------------------------------------------------------------- model access
-
-
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The decoder blocks of a causal LM (LLaMA, Mistral, Qwen, ... all expose `model.layers`)."""
-    dec = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", None)
-    layers = getattr(dec, "layers", None)
-    if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
-        raise PaserError(f"cannot find the decoder layers of {type(model).__name__}: pruning supports decoder-only LMs with `model.layers`")
-    return layers
 
 
 def layer_linears(layer: nn.Module) -> dict[str, nn.Linear]:
@@ -447,7 +439,7 @@ def _prune_unstructured(
     show_progress: bool,
 ) -> dict[str, dict]:
     layers = decoder_layers(model)
-    prefix = _layers_prefix(model)
+    prefix = layers_prefix(model)
     per_layer: dict[str, dict] = {}
     inputs = capture_layer_inputs(model, id_batches) if method != "magnitude" else []
     last = selected.stop - 1
@@ -482,14 +474,6 @@ def _prune_unstructured(
     return per_layer
 
 
-def _layers_prefix(model: nn.Module) -> str:
-    layers = decoder_layers(model)
-    for name, mod in model.named_modules():
-        if mod is layers:
-            return name + "."
-    return "layers."
-
-
 def _prune_structured(
     model: nn.Module,
     importance: str,
@@ -508,7 +492,7 @@ def _prune_structured(
         attention_bias=bool(getattr(cfg, "attention_bias", False)), mlp_bias=bool(getattr(cfg, "mlp_bias", False)),
     )
     layers = decoder_layers(model)
-    prefix = _layers_prefix(model)
+    prefix = layers_prefix(model)
     grads = _taylor_grads(model, id_batches, show_progress) if importance == "taylor" else None
     use_stats = importance == "activation" or reconstruct
     inputs = capture_layer_inputs(model, id_batches) if use_stats else []

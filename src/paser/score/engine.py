@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from paser.errors import ModelError, PaserError
+from paser.io.adapter import decoder, lm_head, pad_id, unwrap
 from paser.io.cache import ShardStore, atomic_write_bytes, default_cache_dir, stable_hash
 from paser.io.records import Record
 from paser.io.templates import EncodedExample, encode_example
@@ -269,12 +270,6 @@ def _collate(batch: Sequence[ScoreItem], pad_id: int, device: torch.device):
 # ----------------------------------------------------------------------------- model view
 
 
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """A peft PeftModel wraps the causal LM; score through the wrapped model (adapters active)."""
-    get_base = getattr(model, "get_base_model", None)
-    return get_base() if callable(get_base) else model
-
-
 class ModelView:
     """A causal LM split into decoder (→ final hidden states) and LM head (→ logits).
 
@@ -286,10 +281,10 @@ class ModelView:
 
     def __init__(self, model: torch.nn.Module):
         self.model = model
-        base = _unwrap(model)
-        self.decoder = base.get_decoder() if hasattr(base, "get_decoder") else getattr(base, base.base_model_prefix)
-        self.head = base.get_output_embeddings()
-        if self.head is None or self.decoder is base:
+        base = unwrap(model)
+        self.decoder = decoder(base)
+        self.head = lm_head(base)
+        if self.head is None:
             raise ModelError(f"{type(base).__name__} has no separate decoder and LM head to score with")
         cfg = base.config
         text_cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
@@ -339,7 +334,7 @@ class ModelView:
             log.warning(
                 "%s: decoder + LM head does not reproduce the model's logits (max diff %.3g); "
                 "scoring with full forwards, without the hidden-state cache",
-                type(_unwrap(self.model)).__name__,
+                type(unwrap(self.model)).__name__,
                 err,
             )
             self.direct = True
@@ -467,13 +462,6 @@ class HiddenCache:
 def _tokenizer_key(tokenizer) -> str:
     vocab = sorted(tokenizer.get_vocab().items()) if hasattr(tokenizer, "get_vocab") else []
     return stable_hash([vocab, tokenizer.bos_token_id, tokenizer.eos_token_id, getattr(tokenizer, "chat_template", None)])
-
-
-def _pad_id(tokenizer) -> int:
-    for t in (getattr(tokenizer, "pad_token_id", None), tokenizer.eos_token_id, 0):
-        if t is not None:
-            return int(t)
-    return 0
 
 
 BatchFn = Callable[[list[ScoreItem]], dict[str, np.ndarray]]
@@ -664,7 +652,7 @@ def score_degradation(
     hidden_cache: HiddenCache | None = None
     workspace, buffers = Workspace(), {}
     stats_extra = {"original_forward_samples": 0}
-    pad = _pad_id(tok)
+    pad = pad_id(tok)
 
     def prepare() -> None:
         nonlocal hidden_cache
@@ -794,7 +782,7 @@ def score_loss(
     store = ShardStore(cache_root / "scores" / "loss" / stable_hash(key), meta=key, validate=validate_loss_shard)
     view = ModelView(model.model)
     model.model.eval()
-    pad = _pad_id(tok)
+    pad = pad_id(tok)
     buffers: dict = {}
 
     def batch_fn(batch: list[ScoreItem]) -> dict[str, np.ndarray]:

@@ -133,7 +133,9 @@ def estimate_selection(args: SelectArgs, sample_size: int = 64, records: list | 
         s, e = max(batches, key=lambda b: (b[1] - b[0]) * lengths[b[1] - 1])
         by_len = sorted(items, key=lambda it: len(it.input_ids))[s:e]
         batch_tokens = sum(len(it.input_ids) for it in by_len)
-        pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+        from paser.io.adapter import pad_id as pad_of
+
+        pad_id = pad_of(tok)
         logits = []
         for lm in scored:
             dev = next(lm.model.parameters()).device
