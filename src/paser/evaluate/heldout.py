@@ -36,7 +36,8 @@ def response_nll_sums(
     (`benchmarks/heldout_eval.py`). A model without a separate head is scored by full forwards.
     """
     from paser.errors import ModelError
-    from paser.score.engine import ScoreItem, ModelView
+    from paser.io.batching import right_pad
+    from paser.score.engine import ModelView, ScoreItem
 
     device = next(model.parameters()).device
     sums = np.zeros(len(examples))
@@ -53,12 +54,10 @@ def response_nll_sums(
             view.verify(ScoreItem("verify", tuple(shortest[0]), shortest[1]))
         for s in range(0, len(order), batch_size):
             idx = order[s : s + batch_size]
-            L = max(len(examples[i][0]) for i in idx)
-            ids = torch.full((len(idx), L), pad_id, dtype=torch.long)
+            ids, _ = right_pad([examples[i][0] for i in idx], pad_id)
             rows, cols, tgts = [], [], []
             for r, i in enumerate(idx):
                 seq, n_prompt = examples[i]
-                ids[r, : len(seq)] = torch.tensor(seq)
                 # position t predicts token t + 1: the response tokens seq[n_prompt:] are
                 # predicted at positions n_prompt - 1 … len(seq) - 2
                 start = max(n_prompt, 1)

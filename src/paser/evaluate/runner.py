@@ -86,16 +86,6 @@ def resolve_tasks(tasks: list[str] | tuple[str, ...] | str) -> list[str]:
 # ----------------------------------------------------------------------------- model loading
 
 
-def _hash_files(paths: list[Path]) -> str:
-    h = hashlib.sha256()
-    for f in sorted(paths):
-        h.update(f.name.encode())
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 24), b""):
-                h.update(chunk)
-    return h.hexdigest()[:16]
-
-
 def is_adapter_dir(path: str | os.PathLike) -> bool:
     p = Path(path)
     return p.is_dir() and (p / "adapter_config.json").exists()
@@ -150,7 +140,9 @@ def load_for_evaluation(spec, adapter: str | None = None, *, device=None, dtype=
         if not is_adapter_dir(a):
             raise ModelError(f"{adapter}: not a PEFT adapter directory (no adapter_config.json)")
         files = [f for f in a.iterdir() if f.name == "adapter_config.json" or f.suffix in (".safetensors", ".bin")]
-        adapter_fp = _hash_files(files)
+        from paser.io.models import hash_files
+
+        adapter_fp = hash_files(files)
         try:
             model = PeftModel.from_pretrained(model, str(a))
         except Exception as e:  # peft raises many kinds (ValueError, KeyError, RuntimeError)

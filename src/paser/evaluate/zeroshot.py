@@ -55,6 +55,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from paser.io.batching import right_pad
 from paser.io import adapter
 from paser.errors import PaserError
 
@@ -266,12 +267,7 @@ def _loglik_direct(model, batches, pad_id: int, device, bar) -> dict[int, float]
     out: dict[int, float] = {}
     for batch in batches:  # list of (request_id, ctx, cont)
         seqs = [(ctx + cont)[:-1] for _, ctx, cont in batch]
-        L = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), L), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(seqs), L), dtype=torch.long)
-        for r, s in enumerate(seqs):
-            ids[r, : len(s)] = torch.tensor(s)
-            mask[r, : len(s)] = 1
+        ids, mask = right_pad(seqs, pad_id)
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
         for r, (rid, ctx, cont) in enumerate(batch):
             pos = torch.arange(len(ctx) - 1, len(ctx) + len(cont) - 1, device=logits.device)

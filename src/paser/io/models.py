@@ -175,19 +175,25 @@ def _weight_stats(p: Path) -> dict[str, list[int]]:
     return out
 
 
-def fingerprint_directory(path: str | os.PathLike) -> str:
-    """sha256 over config.json and every weight file, in name order."""
-    p = Path(path)
+def hash_files(paths) -> str:
+    """sha256 over each file's name and bytes, in name order (16 hex digits): the identity of
+    a model directory's weights, or of a LoRA adapter's."""
     h = hashlib.sha256()
-    files = _fingerprinted_files(p)
-    if not files:
-        raise ModelError(f"{p}: no config.json or weight files to fingerprint")
-    for f in files:
+    for f in sorted(Path(x) for x in paths):
         h.update(f.name.encode())
         with open(f, "rb") as fh:
             for chunk in iter(lambda: fh.read(1 << 24), b""):
                 h.update(chunk)
     return h.hexdigest()[:16]
+
+
+def fingerprint_directory(path: str | os.PathLike) -> str:
+    """sha256 over config.json and every weight file, in name order."""
+    p = Path(path)
+    files = _fingerprinted_files(p)
+    if not files:
+        raise ModelError(f"{p}: no config.json or weight files to fingerprint")
+    return hash_files(files)
 
 
 def fingerprint_model(model: torch.nn.Module) -> str:

@@ -39,6 +39,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from paser.io.batching import right_pad
 from paser.errors import ModelError, PaserError
 from paser.io.adapter import decoder, lm_head, pad_id, unwrap
 from paser.io.cache import ShardStore, atomic_write_bytes, default_cache_dir, stable_hash
@@ -258,10 +259,7 @@ def plan_batches(
 
 def _collate(batch: Sequence[ScoreItem], pad_id: int, device: torch.device):
     """Right-padded ids [B, L] (L = longest in the batch), lengths [B], prompt sizes [B]."""
-    L = max(it.length for it in batch)
-    ids = torch.full((len(batch), L), pad_id, dtype=torch.long)
-    for b, it in enumerate(batch):
-        ids[b, : it.length] = torch.tensor(it.input_ids, dtype=torch.long)
+    ids, _ = right_pad([it.input_ids for it in batch], pad_id)
     lengths = torch.tensor([it.length for it in batch])
     n_prompt = torch.tensor([it.n_prompt for it in batch])
     return ids.to(device), lengths, n_prompt

@@ -70,12 +70,9 @@ class Estimate:
 
 def _time_batch(model, items, pad_id: int, device) -> tuple[float, torch.Tensor]:
     """Seconds for one forward over these items (right-padded), and the logits."""
-    width = max(len(it.input_ids) for it in items)
-    ids = torch.full((len(items), width), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for r, it in enumerate(items):
-        ids[r, : len(it.input_ids)] = torch.tensor(it.input_ids)
-        mask[r, : len(it.input_ids)] = 1
+    from paser.io.batching import right_pad
+
+    ids, mask = right_pad([it.input_ids for it in items], pad_id)
     ids, mask = ids.to(device), mask.to(device)
     with torch.inference_mode():
         model(input_ids=ids[:1, :8], attention_mask=mask[:1, :8])  # warm-up: kernels, allocator
