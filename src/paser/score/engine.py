@@ -588,6 +588,20 @@ def _logit_buffer(view: ModelView, rows: int, cache: dict) -> torch.Tensor | Non
     return buf[:rows]
 
 
+def _score_into(items, records, store, batch_fn, columns, *, prepare=None, rank=0, world_size=1, **drive_kw):
+    """The skeleton every per-record score shares: under the store's lock (a concurrent run on
+    this cache waits, then reads what this one scored), `prepare()` once if this rank has
+    anything left to score, the batches not yet in the store, then the columns in the order of
+    `records`. Returns (EngineStats, columns)."""
+    with store.lock(rank):
+        if prepare is not None and items:
+            done = store.done_ids()
+            if any(it.id not in done for it in rank_share(items, rank, world_size)):
+                prepare()
+        stats = _drive(items, store, batch_fn, rank=rank, world_size=world_size, **drive_kw)
+        return stats, _gather_results(records, store, columns, items)
+
+
 def score_degradation(
     original,
     pruned,
@@ -651,6 +665,8 @@ def score_degradation(
     workspace, buffers = Workspace(), {}
     stats_extra = {"original_forward_samples": 0}
     pad = pad_id(tok)
+    drive_kw = dict(max_batch_tokens=max_batch_tokens, max_batch_size=max_batch_size, flush_every=flush_every,
+                    flush_seconds=flush_seconds, rank=rank, world_size=world_size, progress=progress)
 
     def prepare() -> None:
         nonlocal hidden_cache
@@ -706,26 +722,12 @@ def score_degradation(
             "n_prompt": np.array([it.n_prompt for it in batch], dtype=np.int64),
         }
 
-    with store.lock(rank):  # a concurrent run on this cache waits, then reads what this one scored
-        share_done = store.done_ids()
-        if any(it.id not in share_done for it in rank_share(items, rank, world_size)) and items:
-            prepare()
-        stats = _drive(
-            items,
-            store,
-            batch_fn,
-            max_batch_tokens=max_batch_tokens,
-            max_batch_size=max_batch_size,
-            flush_every=flush_every,
-            flush_seconds=flush_seconds,
-            rank=rank,
-            world_size=world_size,
-            desc=f"degradation ({pruned.name or 'pruned'})",
-            progress=progress,
-            before_flush=lambda: hidden_cache.flush(rank) if hidden_cache is not None else None,
-        )
-        stats.original_forward_samples = stats_extra["original_forward_samples"]
-        cols = _gather_results(records, store, ["jsd", "nll_pruned", "nll_original"], items)
+    stats, cols = _score_into(
+        items, records, store, batch_fn, ["jsd", "nll_pruned", "nll_original"],
+        prepare=prepare, before_flush=lambda: hidden_cache.flush(rank) if hidden_cache is not None else None,
+        desc=f"degradation ({pruned.name or 'pruned'})", **drive_kw,
+    )
+    stats.original_forward_samples = stats_extra["original_forward_samples"]
     out = DegradationScores(
         ids=[r.id for r in records],
         jsd=cols["jsd"],
@@ -781,6 +783,8 @@ def score_loss(
     view = ModelView(model.model)
     model.model.eval()
     pad = pad_id(tok)
+    drive_kw = dict(max_batch_tokens=max_batch_tokens, max_batch_size=max_batch_size, flush_every=flush_every,
+                    flush_seconds=flush_seconds, rank=rank, world_size=world_size, progress=progress)
     buffers: dict = {}
 
     def batch_fn(batch: list[ScoreItem]) -> dict[str, np.ndarray]:
@@ -801,21 +805,7 @@ def score_loss(
             "n_prompt": np.array([it.n_prompt for it in batch], dtype=np.int64),
         }
 
-    with store.lock(rank):  # a concurrent run on this cache waits, then reads what this one scored
-        stats = _drive(
-            items,
-            store,
-            batch_fn,
-            max_batch_tokens=max_batch_tokens,
-            max_batch_size=max_batch_size,
-            flush_every=flush_every,
-            flush_seconds=flush_seconds,
-            rank=rank,
-            world_size=world_size,
-            desc=f"loss(y{'|x' if condition_on_prompt else ''}) {model.name}",
-            progress=progress,
-        )
-        cols = _gather_results(records, store, ["nll"], items)
+    stats, cols = _score_into(items, records, store, batch_fn, ["nll"], desc=f"loss(y{'|x' if condition_on_prompt else ''}) {model.name}", **drive_kw)
     out = LossScores(
         ids=[r.id for r in records],
         nll=cols["nll"],
