@@ -203,10 +203,22 @@ def _as_text(val: Any) -> str:
     raise ValueError(f"expected text, got {_fmt(val)}")
 
 
+def _pruning_methods() -> tuple[str, ...]:
+    from paser.prune.methods import PRUNING_METHODS
+
+    return tuple(PRUNING_METHODS)
+
+
+def _pruning_help() -> str:
+    from paser.prune.methods import PRUNING_METHODS
+
+    return "; ".join(f"{m.name}: {m.help}" for m in PRUNING_METHODS.values())
+
+
 @dataclass
 class PruneArgs(_Validated):
     model: str = _f("smollm2-135m", "model to prune: embedded name, local HF directory, or hub id")
-    method: str = _f("wanda", "magnitude | wanda | sparsegpt | structured", choices=("magnitude", "wanda", "sparsegpt", "structured"))
+    method: str = _f("wanda", "pruning method: " + _pruning_help(), choices=_pruning_methods)
     sparsity: float = _f(0.5, "fraction of prunable weights (or of heads/channels for structured) to remove", min=0.0, lt=1.0)
     pattern: str | None = _f(None, "N:M semi-structured pattern, e.g. 2:4 (magnitude, wanda, sparsegpt)", check=_check_pattern)
     out: str = _f("", "output directory (loadable with from_pretrained)")

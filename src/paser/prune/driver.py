@@ -31,9 +31,9 @@ from tqdm.auto import tqdm
 from paser.io.adapter import decoder_layers, layers_prefix
 from paser.errors import PaserError
 from paser.prune.calibration import Calibration, load_calibration, tokenize_calibration
-from paser.prune.magnitude import magnitude_mask
+from paser.prune.methods import PRUNING_METHODS
 from paser.prune.masks import parse_pattern, pattern_sparsity, zero_fraction
-from paser.prune.sparsegpt import sparsegpt_prune, update_hessian
+from paser.prune.sparsegpt import update_hessian
 from paser.prune.structured import (
     IMPORTANCES,
     StructuredPlan,
@@ -47,11 +47,11 @@ from paser.prune.structured import (
     slice_cols,
     slice_rows,
 )
-from paser.prune.wanda import update_column_sq_norms, wanda_mask
+from paser.prune.wanda import update_column_sq_norms
 
 log = logging.getLogger(__name__)
 
-METHODS = ("magnitude", "wanda", "sparsegpt", "structured")
+METHODS = tuple(PRUNING_METHODS)  # the registered methods (paser.prune.methods)
 # Structured defaults, chosen by measurement on SmolLM2-135M at 25 % (all 30 layers, 32 pool
 # records = 4,684 calibration tokens; WikiText-2 perplexity on its first 4,096 tokens, window 512;
 # dense 30.6):
@@ -379,7 +379,7 @@ def prune_model(
         report["perplexity"] = {"before": _perplexity(model, tokenizer, ppl_tokens, ppl_window, show_progress)}
     params_before = _param_counts(model)
 
-    needs_calibration = method in ("wanda", "sparsegpt") or (method == "structured" and (imp != "magnitude" or reconstruct))
+    needs_calibration = PRUNING_METHODS[method].stats is not None or (method == "structured" and (imp != "magnitude" or reconstruct))
     t0 = time.time()
     id_batches: list[torch.Tensor] = []
     if needs_calibration:
@@ -440,19 +440,22 @@ def _prune_unstructured(
 ) -> dict[str, dict]:
     layers = decoder_layers(model)
     prefix = layers_prefix(model)
+    entry = PRUNING_METHODS[method]
+    calibrated = entry.stats is not None
+    opts = {"blocksize": blocksize, "percdamp": percdamp}
     per_layer: dict[str, dict] = {}
-    inputs = capture_layer_inputs(model, id_batches) if method != "magnitude" else []
+    inputs = capture_layer_inputs(model, id_batches) if calibrated else []
     last = selected.stop - 1
     for i in tqdm(range(selected.stop), desc=f"{method} pruning", unit="layer", disable=not show_progress):
         layer = layers[i]
         if i not in selected:
-            if method != "magnitude":
+            if calibrated:
                 inputs = _run_layer(layer, inputs)
             continue
         linears = layer_linears(layer)
         stats: _InputStats | None = None
-        if method != "magnitude":
-            stats = _InputStats(linears, "sq_norms" if method == "wanda" else "hessian")
+        if calibrated:
+            stats = _InputStats(linears, entry.stats)
             try:
                 _run_layer(layer, inputs)
             finally:
@@ -460,16 +463,10 @@ def _prune_unstructured(
         for name, lin in linears.items():
             w = lin.weight
             with torch.no_grad():
-                if method == "magnitude":
-                    w[magnitude_mask(w, sparsity, nm)] = 0
-                elif method == "wanda":
-                    w[wanda_mask(w, stats.stats[name], sparsity, nm)] = 0
-                else:
-                    new_w, _ = sparsegpt_prune(w, stats.stats[name], sparsity, nm, blocksize=blocksize, percdamp=percdamp)
-                    w.copy_(new_w.to(w.dtype))
+                w.copy_(entry.prune(w, stats.stats[name] if stats else None, sparsity, nm, opts))
             per_layer[f"{prefix}{i}.{name}"] = {"shape": list(w.shape), "numel": w.numel(), "sparsity": zero_fraction(w)}
         del stats
-        if method != "magnitude" and i != last:
+        if calibrated and i != last:
             inputs = _run_layer(layer, inputs)  # the pruned layer feeds the next one
     return per_layer
 
