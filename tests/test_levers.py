@@ -250,3 +250,28 @@ def test_adaptive_scoring_at_confidence_1_equals_exhaustive_and_scores_less_belo
                  "--scoring", "adaptive", "--confidence", "0.5", "--cache-dir", str(tmp_path / "cache2"))
     assert ad["selected"] == 10 and ad["jsd"]["scored"] <= 60
     assert set(ad["adaptive"]) >= {"clusters", "confidence", "rank_correlation", "tokens_scored"} and "cds_ci" in ad["adaptive"]["clusters"]
+
+
+def test_a_registered_toy_evaluation_task_runs_through_cli_pipeline_and_report(tmp_path, tiny_model_dir, tiny_pruned_dir, one_thread):
+    from paser.evaluate.registry import EVAL_TASKS, eval_tasks, register_task
+
+    eval_tasks()
+
+    def run(em, task, o):
+        import torch
+
+        emb = em.model.get_input_embeddings().weight
+        return {"headline": {"metric": "embedding_norm", "value": float(torch.linalg.norm(emb)), "higher_is_better": None}}
+
+    register_task("toy_norm", "the embedding matrix's norm (a toy)", lambda t, o: {"task": t, "protocol": "toy-v1"}, run)
+    try:
+        out = tmp_path / "r.json"
+        assert main(["evaluate", "--model", str(tiny_model_dir), "--tasks", "toy_norm", "--out", str(out)]) == 0
+        assert json.loads(out.read_text())["results"]["toy_norm"]["headline"]["value"] > 0
+        cfg = write_pipeline_config(tmp_path / "exp.yaml", tiny_model_dir, tiny_pruned_dir, tmp_path / "run", ["random"],
+                                    extra="include_dense: false\n")
+        cfg.write_text(cfg.read_text().replace('tasks: "wikitext2,heldout,piqa"', 'tasks: "wikitext2,toy_norm"'))
+        assert main(["pipeline", "--config", str(cfg)]) == 0
+        assert "toy_norm embedding_norm" in (tmp_path / "run" / "report.md").read_text()
+    finally:
+        EVAL_TASKS.pop("toy_norm", None)

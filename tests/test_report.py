@@ -314,14 +314,14 @@ def test_record_text_reads_every_schema():
 
 
 def test_lm_eval_tasks_get_their_own_table(tmp_path):
-    from paser.report.experiment import lm_eval_table
+    from paser.report.experiment import headline_table
 
     def res(v):
         return {"results": {"lm_eval:my_task": {"headline": {"metric": "acc,none", "value": v, "stderr": 0.02, "higher_is_better": True}}}}
 
     rows = [{"method": "random", "budget": "0.1", "seed": 0, "results": res(0.40)},
             {"method": "paser", "budget": "0.1", "seed": 0, "results": res(0.45)}]
-    header, body = lm_eval_table(rows)
+    header, body = headline_table(rows)
     assert header == ["Method", "Budget", "Seeds", "my_task acc ↑"] and body[1][3] == "45.0 ± 2.0"
     write_experiment_report({"rows": rows, "config": {"evaluate": {}}, "pruned_model": "p", "selections": {}}, tmp_path)
     md = (tmp_path / "report.md").read_text()

@@ -45,6 +45,13 @@ SHORTHANDS: dict[str, tuple[str, ...]] = {
     "ppl": PPL_TASKS,
     "perplexity": PPL_TASKS,
 }
+def _valid_tasks() -> tuple[str, ...]:
+    """Every registered task (paser's own and any added with `register_task`)."""
+    from paser.evaluate.registry import eval_tasks
+
+    return tuple(eval_tasks())
+
+
 # Aliases people type; mapped to our names.
 _ALIASES = {"wikitext": "wikitext2", "wikitext-2": "wikitext2", "arc_e": "arc_easy", "arc_c": "arc_challenge", "obqa": "openbookqa"}
 
@@ -71,9 +78,9 @@ def resolve_tasks(tasks: list[str] | tuple[str, ...] | str) -> list[str]:
             name = _ALIASES.get(name, name)
             expanded = SHORTHANDS.get(name, (name,))
             for t in expanded:
-                if t not in VALID_TASKS:
+                if t not in _valid_tasks():
                     raise PaserError(
-                        f"unknown evaluation task {raw!r}; valid: {', '.join(VALID_TASKS)} "
+                        f"unknown evaluation task {raw!r}; valid: {', '.join(_valid_tasks())} "
                         f"(or {', '.join(SHORTHANDS)}, or lm_eval:NAME for any lm-evaluation-harness task)"
                     )
                 if t not in out:
@@ -163,67 +170,37 @@ def _default_batch_size(device: torch.device) -> int:
     return 32 if device.type == "cuda" else 8
 
 
-def task_protocol(task: str, *, limit, seed, ppl_window, ppl_max_tokens, heldout_template="alpaca", heldout_cutoff=256,
-                  split: str = "test", reference: str | None = None, include_path=None) -> dict:
+def _options(**kw) -> "EvalOptions":
+    from paser.evaluate.registry import EvalOptions
+
+    ref = kw.get("reference")
+    kw["reference_name"] = None if ref is None else str(ref if isinstance(ref, (str, os.PathLike)) else ref.fingerprint)
+    return EvalOptions(**kw)
+
+
+def task_protocol(task: str, *, limit, seed, ppl_window, ppl_max_tokens, split: str = "test", reference=None, include_path=None) -> dict:
     """Everything besides the model that decides a task's numbers (the cache key's payload)."""
-    from paser.evaluate import heldout, lm_eval_tasks, zeroshot
+    from paser.evaluate import lm_eval_tasks
+    from paser.evaluate.registry import eval_tasks
 
     if lm_eval_tasks.is_lm_eval(task):
         return lm_eval_tasks.protocol(task, limit=limit, seed=seed, include_path=include_path)
-
-    if task in PPL_TASKS:
-        return {"task": task, "protocol": "ppl-v1:non-overlapping-windows", "window": ppl_window, "max_tokens": ppl_max_tokens}
-    if task in HELDOUT_TASKS:
-        proto = {"task": task, "protocol": heldout.PROTOCOL if task == HELDOUT_TASK else heldout.JSD_PROTOCOL,
-                 "limit": limit, "seed": seed, "template": heldout_template, "cutoff": heldout_cutoff}
-        if split != "test":  # named only when not the default, so earlier cache keys stand
-            proto["split"] = split
-        if task == HELDOUT_JSD_TASK:
-            proto["reference"] = reference
-        return proto
-    return {"task": task, "protocol": zeroshot.PROTOCOL, "limit": limit, "seed": seed}
-
-
-_REFERENCES: dict[str, object] = {}  # reference models of heldout_jsd, loaded once per process
-
-
-def _reference_model(spec):
-    """The original model that heldout_jsd measures against (a LoadedModel, or loaded by spec once)."""
-    from paser.io.models import load_model
-
-    if not isinstance(spec, (str, os.PathLike)):
-        return spec
-    if str(spec) not in _REFERENCES:
-        _REFERENCES.clear()  # one at a time: a 135M model is 0.5 GB
-        _REFERENCES[str(spec)] = load_model(str(spec))
-    return _REFERENCES[str(spec)]
+    o = _options(limit=limit, seed=seed, ppl_window=ppl_window, ppl_max_tokens=ppl_max_tokens, split=split, reference=reference)
+    return eval_tasks()[task].protocol(task, o)
 
 
 def run_task(em: EvalModel, task: str, *, limit, seed, ppl_window, ppl_max_tokens, batch_size, show_progress=True,
              split: str = "test", reference=None, cache_dir=None, include_path=None) -> dict:
     """Compute one task's result dict (no caching of the result itself)."""
-    from paser.evaluate import heldout, lm_eval_tasks, zeroshot
-    from paser.evaluate.perplexity import corpus_perplexity
+    from paser.evaluate import lm_eval_tasks
+    from paser.evaluate.registry import eval_tasks
 
     if lm_eval_tasks.is_lm_eval(task):
         return lm_eval_tasks.run(em.model, em.tokenizer, task, limit=limit, seed=seed, batch_size=batch_size,
                                  include_path=include_path)
-
-    if task in PPL_TASKS:
-        r = corpus_perplexity(em.model, em.tokenizer, task, window=ppl_window, max_tokens=ppl_max_tokens,
-                              batch_size=max(1, batch_size // 2), show_progress=show_progress)
-        return r.to_dict()
-    if task == HELDOUT_TASK:
-        return heldout.heldout_loss(em.model, em.tokenizer, limit=limit, seed=seed, split=split, batch_size=batch_size,
-                                    show_progress=show_progress)
-    if task == HELDOUT_JSD_TASK:
-        if reference is None:
-            raise PaserError("heldout_jsd needs the original model to compare with (--reference MODEL)")
-        return heldout.heldout_jsd(em, _reference_model(reference), limit=limit, seed=seed, split=split,
-                                   cache_dir=cache_dir, show_progress=show_progress)
-    r = zeroshot.evaluate_task(em.model, em.tokenizer, task, limit=limit, seed=seed, batch_size=batch_size, show_progress=show_progress)
-    # with the per-item log-likelihoods ("items"), which paired comparisons between models use
-    return r.to_dict(with_items=True)
+    o = _options(limit=limit, seed=seed, ppl_window=ppl_window, ppl_max_tokens=ppl_max_tokens, batch_size=batch_size,
+                 show_progress=show_progress, split=split, reference=reference, cache_dir=cache_dir)
+    return eval_tasks()[task].run(em, task, o)
 
 
 def summarise(results: dict[str, dict]) -> dict:
@@ -296,9 +273,8 @@ def evaluate_model(
 
     results: dict[str, dict] = {}
     for task in names:
-        ref_name = reference if isinstance(reference, (str, os.PathLike)) or reference is None else reference.fingerprint
         proto = task_protocol(task, limit=limit, seed=seed, ppl_window=ppl_window, ppl_max_tokens=ppl_max_tokens,
-                              split=heldout_split, reference=None if ref_name is None else str(ref_name), include_path=include_path)
+                              split=heldout_split, reference=reference, include_path=include_path)
         safe = re.sub(r"[^\w.-]", "_", task)  # "lm_eval:NAME": no ':' in file names (Windows)
         cpath = cache_root / em.fingerprint / f"{safe}-{stable_hash(proto)}.json"
         if use_cache and cpath.exists():
@@ -354,21 +330,17 @@ def format_results(results: dict) -> str:
     lines = [f"model {results['model']['name']} (fingerprint {results['model']['fingerprint']}), limit {results['limit']}, seed {results['seed']}"]
     from paser.evaluate import lm_eval_tasks
 
+    from paser.evaluate.registry import eval_tasks
+
     for task, r in results["results"].items():
+        entry = eval_tasks().get(task)
         if lm_eval_tasks.is_lm_eval(task):
             lines += lm_eval_tasks.format_result(r)
-        elif "ppl" in r and task in PPL_TASKS:
-            lines.append(f"  {task:<14} perplexity {r['ppl']:.2f} (window {r['window']}, {r['n_tokens']} tokens)")
-        elif task == HELDOUT_TASK:
-            caps = ", ".join(f"{c} {v['loss']:.3f}±{v['loss_stderr']:.3f}" for c, v in r["capabilities"].items())
-            lines.append(f"  {task:<14} response loss (nats): {caps}")
-        elif task == HELDOUT_JSD_TASK:
-            caps = ", ".join(f"{c} {v['jsd']:.4f}±{v['jsd_stderr']:.4f}" for c, v in r["capabilities"].items())
-            lines.append(f"  {task:<14} JSD to {r['reference']['name']}: {caps}")
-        else:
-            lines.append(
-                f"  {task:<14} acc {r['acc']:.3f}±{r['acc_stderr']:.3f}  acc_norm {r['acc_norm']:.3f}±{r['acc_norm_stderr']:.3f}  (n={r['n']})"
-            )
+        elif entry is not None and entry.format is not None:
+            lines += entry.format(task, r)
+        elif r.get("headline"):
+            h = r["headline"]
+            lines.append(f"  {task:<14} {h['metric']} {h['value']:.4g}")
     s = results.get("summary", {})
     if "mean_acc" in s:
         lines.append(f"  {'mean':<14} acc {s['mean_acc']:.3f}  acc_norm {s['mean_acc_norm']:.3f} over {len(s['commonsense_tasks'])} tasks")

@@ -108,19 +108,20 @@ def build_table(rows: list[dict], cols: list[tuple[str, str, str, float]] | None
     return header, body
 
 
-def lm_eval_table(rows: list[dict]) -> tuple[list[str], list[list[str]]] | None:
-    """The lm_eval:NAME tasks some row has: each task's headline metric (lm-eval's first, e.g.
-    acc,none), value ± stderr for one seed or mean ± std over seeds; None when there are none.
-    Columns end in ↑ or ↓ (lm-eval's higher_is_better), which the best-value marks follow."""
+def headline_table(rows: list[dict]) -> tuple[list[str], list[list[str]]] | None:
+    """The further tasks some row has (lm_eval:NAME, and any registered task whose result has a
+    "headline"): each task's headline metric (lm-eval's first, e.g. acc,none), value ± stderr
+    for one seed or mean ± std over seeds; None when there are none. Columns end in ↑ or ↓
+    (higher_is_better), which the best-value marks follow."""
     heads: dict[str, dict] = {}
     for row in rows:
         for t, r in task_results(row.get("results")).items():
-            if t.startswith("lm_eval:") and r.get("headline"):
+            if r.get("headline"):
                 heads.setdefault(t, r["headline"])
     if not heads:
         return None
     arrow = {True: " ↑", False: " ↓"}
-    header = ["Method", "Budget", "Seeds"] + [f"{t[len('lm_eval:'):]} {h['metric'].split(',')[0]}{arrow.get(h.get('higher_is_better'), '')}"
+    header = ["Method", "Budget", "Seeds"] + [f"{t.removeprefix('lm_eval:')} {h['metric'].split(',')[0]}{arrow.get(h.get('higher_is_better'), '')}"
                                               for t, h in heads.items()]
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
@@ -363,11 +364,12 @@ def write_experiment_report(summary: dict, root: Path) -> tuple[str, Path]:
                       "Mean over items of log softmax(choice log-likelihoods)[gold], nats; higher is better. "
                       "± standard error (one seed) or std over seeds.",
                       build_table(rows, lp_cols, mean_key="gold_choice_logprob")))
-    lm = lm_eval_table(rows)
+    lm = headline_table(rows)
     if lm:
-        extra.append(("lm-evaluation-harness tasks",
-                      "Tasks run with --tasks lm_eval:NAME: lm-eval's own prompts and metrics on the same models "
-                      "(its first metric per task; acc in %). ± stderr (one seed) or std over seeds.", lm))
+        only_lm_eval = all(t.startswith("lm_eval:") for row in rows for t, r in task_results(row.get("results")).items() if r.get("headline"))
+        extra.append(("lm-evaluation-harness tasks" if only_lm_eval else "Further tasks",
+                      "Tasks run with --tasks lm_eval:NAME (lm-eval's own prompts and metrics on the same models) "
+                      "and registered tasks with a headline metric (acc in %). ± stderr (one seed) or std over seeds.", lm))
     methods = {r["method"] for r in rows}
     for ref in ("random", "pruned, no recovery"):
         pt = paired_table(rows, ref) if ref in methods else None
