@@ -66,11 +66,10 @@ def lm_eval_crosscheck(
     Returns per task: acc, acc_norm (lm-eval's aggregates), indices (file positions) and lls
     (per item, per choice), for comparison with `zeroshot.evaluate_task`.
     """
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from lm_eval import simple_evaluate
-    from lm_eval.models.huggingface import HFLM
+    from paser.extras import require
+    from paser.offline import hub_offline
 
+    require("lm_eval")
     from paser.data import load_commonsense
     from paser.evaluate.zeroshot import subset_indices
 
@@ -80,8 +79,14 @@ def lm_eval_crosscheck(
     for t in tasks:
         idx = subset_indices(len(load_commonsense(t)), limit, seed)
         configs.append(task_config(t, _write_subset(t, idx, work)))
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-    res = simple_evaluate(model=lm, tasks=configs, log_samples=True, bootstrap_iters=0)
+    # Offline for this call only (no process-wide environment change): lm-eval and datasets
+    # read the switch when imported, so the imports happen inside the block too.
+    with hub_offline():
+        from lm_eval import simple_evaluate
+        from lm_eval.models.huggingface import HFLM
+
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+        res = simple_evaluate(model=lm, tasks=configs, log_samples=True, bootstrap_iters=0)
     out = {}
     for t in tasks:
         name = f"paser_{t}"
