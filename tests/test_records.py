@@ -60,7 +60,9 @@ def test_sharegpt_and_messages(tmp_path):
     )
     a, b = load_records(p)[0]
     assert (a.instruction, a.output) == ("Hello?", "Hi.") and a.extra["later_turns"][0]["value"] == "More"
-    assert (b.instruction, b.input, b.output) == ("Name a colour.", "Be brief.", "Red.")
+    # the system prompt stays a system prompt, never the Alpaca input
+    assert (b.instruction, b.input, b.system, b.output) == ("Name a colour.", "", "Be brief.", "Red.")
+    assert a.chat and b.chat and a.later_turns == [{"from": "human", "value": "More"}]
 
 
 def test_parquet(tmp_path):
@@ -90,7 +92,6 @@ def test_saved_hf_dataset(tmp_path):
         ('{"instruction": "a"}\n', 1, "output", "missing"),
         ('{"instruction": "a", "output": ""}\n', 1, "output", "empty"),
         ('{"instruction": "a", "output": 3.5, "input": ["x"]}\n', 1, "input", "expected text"),
-        ('{"instruction": "a", "output": "b"}\n\n{"instruction": "a", "output": "b"}\n', 3, "id", "duplicate"),
         ('[1, 2]', None, None, "JSON object"),
     ],
 )
@@ -138,6 +139,15 @@ def test_skip_invalid_counts(tmp_path):
     assert [r.instruction for r in recs] == ["a", "d"]
     assert rep.skipped == {"malformed JSON": 1, "bad 'output'": 1, "duplicate": 1}
     assert "skipped" in rep.summary()
+
+
+def test_exact_duplicates_are_dropped_with_a_counted_warning(tmp_path, caplog):
+    p = tmp_path / "dup.jsonl"
+    p.write_text('{"instruction": "a", "output": "b"}\n\n{"instruction": "a", "output": "b", "id": 7}\n{"instruction": "c", "output": "d"}\n')
+    with caplog.at_level("WARNING", logger="paser.io.records"):
+        recs, rep = load_records(p)
+    assert [r.instruction for r in recs] == ["a", "c"] and rep.skipped == {"duplicate": 1}
+    assert "dropped 1 exact duplicate" in caplog.text and str(p) in caplog.text
 
 
 def test_pool_dedups_across_files(tmp_path):

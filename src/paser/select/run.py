@@ -19,7 +19,7 @@ import numpy as np
 from paser.config import SelectArgs
 from paser.errors import PaserError
 from paser.io.cache import atomic_write_json, default_cache_dir, write_parquet_atomic
-from paser.io.records import Record, load_pool, write_jsonl
+from paser.io.records import Record, load_pool, write_selected
 
 log = logging.getLogger(__name__)
 
@@ -182,7 +182,7 @@ def run_selection(args: SelectArgs) -> SelectionResult:
         from paser.select.embed import embed_records
 
         t = time.time()
-        embeddings = embed_records(records, cache_dir=cache)
+        embeddings = embed_records(records, cache_dir=cache, encoder=args.encoder)
         timings["embed"] = time.time() - t
 
     clusters = None
@@ -232,7 +232,7 @@ def run_selection(args: SelectArgs) -> SelectionResult:
     chosen = [records[i] for i in sorted(int(i) for i in selected)]
     if len(chosen) != min(budget, n) and args.method != "full":
         raise PaserError(f"internal error: {len(chosen)} records selected for a budget of {budget}")
-    write_jsonl(out / "selected.jsonl", (r.to_dict() for r in chosen))
+    write_selected(out / "selected.jsonl", chosen, args.selected_format, args.template)
     write_parquet_atomic(out / "scores.parquet", {k: (v if not isinstance(v, np.ndarray) else v) for k, v in table.items()})
 
     if args.plots and clusters is not None:
