@@ -225,3 +225,15 @@ def test_json_array_errors_name_the_element(tmp_path):
     broken.write_text('[{"instruction": "a", "output": "b"}, {"instruction": "c", "output": }]')
     with pytest.raises(InputError, match="array element 1"):
         load_records(broken)
+
+
+def test_a_reply_ends_at_the_templates_eos():
+    """When the chat template closes a turn with EOS, the reply's labels end on it (not on the
+    newline the template writes after it), and no second EOS is added."""
+    tok = make_tokenizer()
+    tok.chat_template = CHATML.replace("<|im_end|>", "</s>")
+    rec = Record("Name a colour.", "", "Red.", system="Be brief.", chat=True)
+    enc = encode_example(rec, tok, "alpaca", cutoff=256)
+    reply = enc.input_ids[enc.n_prompt :]
+    assert reply[-1] == tok.eos_token_id and reply.count(tok.eos_token_id) == 1
+    assert tok.decode(reply) == "Red.</s>"

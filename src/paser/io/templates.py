@@ -139,7 +139,10 @@ def encode_example(
         rendered = _chat_response_text(record, prompt, tokenizer)
     r_ids = list(tokenizer(rendered if rendered is not None else record.output, add_special_tokens=False)["input_ids"])
     eos = tokenizer.eos_token_id
-    if eos is not None and not (rendered is not None and int(eos) in r_ids):
+    if eos is not None and rendered is not None and int(eos) in r_ids:
+        # The template's end of turn is EOS: the reply ends there (not on the newline after it).
+        r_ids = r_ids[: len(r_ids) - r_ids[::-1].index(int(eos))]
+    elif eos is not None:
         r_ids.append(int(eos))
     if len(p_ids) + len(r_ids) > cutoff:
         keep_prompt = max(1, min(len(p_ids), cutoff - min(len(r_ids), min_response_tokens)))
