@@ -237,3 +237,13 @@ def test_a_reply_ends_at_the_templates_eos():
     reply = enc.input_ids[enc.n_prompt :]
     assert reply[-1] == tok.eos_token_id and reply.count(tok.eos_token_id) == 1
     assert tok.decode(reply) == "Red.</s>"
+
+
+def test_to_dict_of_a_conversation_reads_back_the_same(tmp_path):
+    from paser.io.records import write_jsonl
+
+    rec = Record("Q", "", "A", system="S", chat=True, later_turns=[{"role": "user", "content": "Q2"}])
+    made = load_records(_write_jsonl(tmp_path / "a.jsonl", [{"messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]}]))[0]
+    write_jsonl(tmp_path / "b.jsonl", [rec.to_dict(), made[0].to_dict()])
+    back, _ = load_records(tmp_path / "b.jsonl")
+    assert [r.id for r in back] == [rec.id, made[0].id] and back[0].system == "S" and back[0].later_turns == rec.later_turns

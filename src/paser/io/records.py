@@ -63,11 +63,12 @@ class Record:
             self.id = record_id(self.instruction, self.input, self.output, self.system, self.chat, self.later_turns)
 
     def to_dict(self) -> dict[str, Any]:
-        """The record normalised (Alpaca fields), plus our id and source."""
+        """The record normalised (Alpaca fields), plus our id and source. A conversation stays
+        a conversation (an Alpaca row would lose its system role), so it reads back the same."""
+        if self.chat:
+            return {**self.as_given(), "id": self.id, "source": self.source}
         d = dict(self.extra)
         d.update(id=self.id, instruction=self.instruction, input=self.input, output=self.output, source=self.source)
-        if self.system:
-            d["system"] = self.system
         return d
 
     def as_given(self) -> dict[str, Any]:
