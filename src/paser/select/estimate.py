@@ -155,12 +155,13 @@ def estimate_selection(args: SelectArgs, sample_size: int = 64, records: list | 
         sequences = n * passes * len(scored)
         del logits
     if spec.needs_embeddings:
-        from paser.select.embed import embed_texts, record_text
+        from paser.select.embed import embed_texts, record_text, resolve_encoder
 
         texts = [record_text(r) for r in sample[:32]]
-        embed_texts(texts[:2], show_progress=False)  # load the encoder outside the timing
+        enc_dir, _ = resolve_encoder(args.encoder)  # time the encoder the run will use
+        embed_texts(texts[:2], enc_dir, show_progress=False)  # load the encoder outside the timing
         t = time.perf_counter()
-        embed_texts(texts, show_progress=False)
+        embed_texts(texts, enc_dir, show_progress=False)
         rate = len(texts) / (time.perf_counter() - t)
         tps["embed records"] = rate
         seconds["embed"] = n / rate

@@ -19,7 +19,7 @@ import numpy as np
 from paser.config import SelectArgs
 from paser.errors import PaserError
 from paser.io.cache import atomic_write_json, default_cache_dir, write_parquet_atomic
-from paser.io.records import Record, write_jsonl
+from paser.io.records import Record, write_selected
 from paser.select.pool import load_selection_pool, pool_seed  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
@@ -188,7 +188,7 @@ def run_selection(args: SelectArgs) -> SelectionResult:
         from paser.select.embed import embed_records
 
         t = time.time()
-        ctx.embeddings = embed_records(records, cache_dir=cache)
+        ctx.embeddings = embed_records(records, cache_dir=cache, encoder=args.encoder)
         timings["embed"] = time.time() - t
 
     if spec.needs_clusters:
@@ -223,7 +223,7 @@ def run_selection(args: SelectArgs) -> SelectionResult:
     if tokenizer is not None:
         sel_cost = cost[order] if cost is not None else response_token_costs(chosen, tokenizer, args.template, args.cutoff)
         report["selected_tokens"] = int(sel_cost.sum())  # response tokens of one pass, as recovery trains them
-    write_jsonl(out / "selected.jsonl", (r.to_dict() for r in chosen))
+    write_selected(out / "selected.jsonl", chosen, args.selected_format, args.template)
     write_parquet_atomic(out / "scores.parquet", {k: (v if not isinstance(v, np.ndarray) else v) for k, v in table.items()})
 
     if args.plots and clusters is not None:
