@@ -309,7 +309,7 @@ def test_kd_from_cli_and_pipeline_args(tmp_path, model_dirs):
     write_jsonl(data, [r.to_dict() for r in _records(4)])
     argv = ["recover", "--model", str(sparse_dir), "--data", str(data), "--out", str(tmp_path / "o"), "--objective", "sft+kd",
             "--kd-weight", "0.3", "--kd-temperature", "2", "--kd-topk", "4", "--teacher", str(dense_dir), "--max-steps", "1",
-            "--batch-size", "2", "--save-dtype", "bfloat16"]  # fmt: skip
+            "--batch-size", "2", "--cache-dir", str(tmp_path / "cache"), "--save-dtype", "bfloat16"]  # fmt: skip
     a = _args_for(RecoverArgs, build_parser().parse_args(argv))
     assert (a.objective, a.kd_weight, a.kd_temperature, a.kd_topk, a.save_dtype) == ("sft+kd", 0.3, 2.0, 4, "bfloat16")
     y = build_args(RecoverArgs, {"objective": "kd", "kd_topk": 16, "teacher": "x"})  # a pipeline `recover:` section
@@ -317,4 +317,5 @@ def test_kd_from_cli_and_pipeline_args(tmp_path, model_dirs):
     assert main(argv) == 0
     rep = json.loads((tmp_path / "o" / "recovery_report.json").read_text())
     assert rep["objective"] == "sft+kd" and rep["kd"]["weight"] == 0.3 and rep["save_dtype"] == "bfloat16"
+    assert rep["kd"]["teacher_cache_dir"].startswith(str(tmp_path / "cache" / "teacher"))
     assert main([*argv[:-2], "--objective", "kd", "--kd-topk", "0"]) == 2  # a user error: one line, exit 2

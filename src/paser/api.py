@@ -114,6 +114,7 @@ def recover(args: RecoverArgs | None = None, **kwargs) -> str:
         teacher=a.teacher,
         save_dtype=a.save_dtype,
         report_to=a.report_to,
+        cache_dir=a.cache_dir,
     )
     if "rank" in report:
         return f"rank {report['rank']}: trained its data shard; the main process writes the outputs"

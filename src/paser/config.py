@@ -101,6 +101,7 @@ class RecoverArgs:
     kd_topk: int = _f(64, "kd: teacher tokens kept per position; the rest is one tail bucket, so the KL is exact over k + 1 buckets (64 chosen by benchmarks/kd_topk.py)")
     teacher: str = _f("smollm2-135m", "kd: the original, unpruned model whose next-token distribution is distilled (embedded name or directory)")
     save_dtype: str = _f("auto", "dtype of merged/: auto (the model's own, from its config.json) | float32 | bfloat16 | float16", choices=("auto", "float32", "bfloat16", "float16"))
+    cache_dir: str | None = _f(None, "kd: where the teacher's top-k cache lives, under teacher/ (default: $PASER_CACHE or ~/.cache/paser)")
     report_to: str = _f("none", "experiment logging of the Trainer: none | tensorboard (logs in OUT/tensorboard) | wandb (offline unless WANDB_MODE is set)", choices=("none", "tensorboard", "wandb"))
 
 
