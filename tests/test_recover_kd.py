@@ -319,3 +319,34 @@ def test_kd_from_cli_and_pipeline_args(tmp_path, model_dirs):
     assert rep["objective"] == "sft+kd" and rep["kd"]["weight"] == 0.3 and rep["save_dtype"] == "bfloat16"
     assert rep["kd"]["teacher_cache_dir"].startswith(str(tmp_path / "cache" / "teacher"))
     assert main([*argv[:-2], "--objective", "kd", "--kd-topk", "0"]) == 2  # a user error: one line, exit 2
+
+
+def test_bucketed_kl_mixes_exact_and_fast_tail_rows():
+    # One batch with a row whose student keeps > 99 % on the teacher's top-k (exact tail path)
+    # and ordinary rows (tail from the kept mass): each equals its row computed alone.
+    g = torch.Generator().manual_seed(0)
+    t_logits = 3 * torch.randn(4, 40, generator=g)
+    s_logits = 3 * torch.randn(4, 40, generator=g)
+    idx, logp, tail = teacher_topk(t_logits, 3)
+    s_logits[1] = -30.0
+    s_logits[1, idx[1]] = 30.0  # row 1: nearly all student mass on the kept tokens
+    s = s_logits.clone().requires_grad_(True)
+    kl = bucketed_kl(idx, logp, tail, s)
+    kl.sum().backward()
+    assert torch.isfinite(s.grad).all()
+    for r in range(4):
+        alone = bucketed_kl(idx[r : r + 1], logp[r : r + 1], tail[r : r + 1], s_logits[r : r + 1])
+        assert float(kl[r]) == pytest.approx(float(alone), rel=1e-5)
+    ref = _direct_bucketed(t_logits[[0, 2, 3]], s_logits[[0, 2, 3]], 3, 1.0)
+    torch.testing.assert_close(kl.detach()[[0, 2, 3]].double(), ref, rtol=1e-4, atol=1e-5)
+    # row 1 by hand in float64, with log q_tail taken from the non-kept logits (≈ -60 + log 37)
+    row, keep = s_logits[1].double(), idx[1]
+    rest = torch.ones(40, dtype=torch.bool)
+    rest[keep] = False
+    p = torch.softmax(t_logits[1].double(), -1)
+    log_q = row - torch.logsumexp(row, 0)
+    log_q_tail = torch.logsumexp(row[rest], 0) - torch.logsumexp(row, 0)
+    p_tail = p[rest].sum()
+    expect = (p[keep] * (p[keep].log() - log_q[keep])).sum() + p_tail * (p_tail.log() - log_q_tail)
+    assert float(kl[1]) == pytest.approx(float(expect), rel=1e-4)
+    assert float(log_q_tail) < -50
