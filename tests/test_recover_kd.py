@@ -350,3 +350,16 @@ def test_bucketed_kl_mixes_exact_and_fast_tail_rows():
     expect = (p[keep] * (p[keep].log() - log_q[keep])).sum() + p_tail * (p_tail.log() - log_q_tail)
     assert float(kl[1]) == pytest.approx(float(expect), rel=1e-4)
     assert float(log_q_tail) < -50
+
+
+def test_kd_loss_is_normalised_over_the_accumulated_batch(tmp_path, model_dirs):
+    """batch 2 × grad_accum 2 and batch 4 × 1 see the same 4 records in step 1 (LoRA B = 0, so
+    the student is the pruned model): the logged KD loss must be the same token mean."""
+    dense_dir, sparse_dir = model_dirs
+    kw = dict(max_steps=1, objective="kd", teacher=str(dense_dir), kd_topk=6, cache_dir=tmp_path / "cache",
+              lr=5e-3, seed=3, show_progress=False)  # fmt: skip
+    recover(str(sparse_dir), _records(4), tmp_path / "a", batch_size=4, grad_accum=1, **kw)
+    recover(str(sparse_dir), _records(4), tmp_path / "b", batch_size=2, grad_accum=2, **kw)
+    la = json.loads((tmp_path / "a" / "training_log.json").read_text())["train"][0]["loss"]
+    lb = json.loads((tmp_path / "b" / "training_log.json").read_text())["train"][0]["loss"]
+    assert la == pytest.approx(lb, rel=1e-4)
