@@ -6,7 +6,7 @@ as ratios to sft measured in the same run.
 Each objective trains in its own fresh process (so that peak memory is its own: peak RSS on
 a CPU, torch's peak allocated memory on a GPU) on the same records, with the same LoRA
 settings, for --steps steps; the step time is the median over the steps after the first.
-The teacher's top-k cache is built first, in a process of its own (its time and memory are
+The teacher's top-k cache is built first, into a fresh temporary cache, in a process of its own (its time and memory are
 printed too: that is a one-off cost per data set), so the kd runs measure training only,
 which holds the pruned model and reads the teacher from disk.
 """
@@ -55,7 +55,7 @@ def child(a) -> None:
     rep = recover(
         a.model, recs, a.out, objective=a.objective, teacher=a.teacher, kd_topk=a.kd_topk, batch_size=a.batch_size,
         cutoff=a.cutoff, max_steps=a.steps, seed=a.seed, show_progress=False, callbacks=[] if a.build_only else [timer],
-        resume=False,
+        resume=False, cache_dir=a.cache_dir,
     )  # fmt: skip
     cuda = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
     print(json.dumps({
@@ -81,6 +81,7 @@ def main() -> None:
     ap.add_argument("--objective", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--out", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--build-only", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--cache-dir", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.objective:
         return child(a)
@@ -89,7 +90,8 @@ def main() -> None:
         cmd = [sys.executable, __file__, "--objective", objective, "--out", str(work / objective), "--model", a.model,
                "--teacher", a.teacher, "--n", str(a.n), "--steps", str(1 if build_only else a.steps), "--batch-size",
                str(a.batch_size), "--cutoff", str(a.cutoff), "--kd-topk", str(a.kd_topk), "--seed", str(a.seed),
-               "--threads", str(a.threads)] + (["--build-only"] if build_only else [])  # fmt: skip
+               "--threads", str(a.threads), "--cache-dir", str(work / "cache")]
+        cmd += ["--build-only"] if build_only else []  # fmt: skip
         res = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
         if res.returncode != 0:
             sys.exit(f"{objective} failed:\n{res.stderr[-3000:]}")
@@ -110,6 +112,7 @@ def main() -> None:
     print(f"model {a.model} (teacher {a.teacher}), {rows['sft']['device']} {rows['sft']['dtype']}, threads {a.threads or 'default'}; "
           f"{a.n} pool records ({base['response_tokens']} response tokens), batch {a.batch_size}, cutoff {a.cutoff}, "
           f"{a.steps} steps, kd_topk {a.kd_topk}, best of {a.repeats} interleaved runs")  # fmt: skip
+    assert build["cache_built"] is True, "the first kd process must build the teacher cache (a fresh cache dir)"
     print(f"teacher cache built once in {build['seconds']:.1f} s (that process, with 1 training step: peak RSS {build['peak_rss_mb']:.0f} MB"
           + (f", GPU peak {build['cuda_peak_mb']:.0f} MB" if build["cuda_peak_mb"] else "") + ")")  # fmt: skip
     mem_key = "cuda_peak_mb" if base["cuda_peak_mb"] else "peak_rss_mb"
