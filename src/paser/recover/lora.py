@@ -54,7 +54,11 @@ REPORT_FILE = "recovery_report.json"
 LOG_FILE = "training_log.json"
 ELAPSED_FILE = "paser_elapsed.json"  # in each checkpoint: training seconds up to it, across resumes
 RUN_FILE = "run.json"  # the key of the run that owns checkpoints/, so a resume never mixes runs
-DEFAULT_KD_TOPK = 64  # chosen by benchmarks/kd_topk.py (captured teacher mass and KL gap vs k)
+# benchmarks/kd_topk.py, SmolLM2-135M vs its Wanda-50 % prune, 40 pool records, T = 1: k = 64
+# keeps 95.1 % of the teacher's mass (5th percentile 78 %), 94 % of the full-vocabulary KL, and
+# its gradient is within 1.8 % of the full KL's (cosine 0.9998); k = 256 gains 0.6 % gradient
+# error for 4x the cache (0.49 MB per 1,000 response tokens at k = 64).
+DEFAULT_KD_TOPK = 64
 SAVE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 REPORT_TO = ("none", "tensorboard", "wandb")
 PROGRESS_LABEL = "LoRA recovery"
