@@ -104,6 +104,14 @@ def recover(args: RecoverArgs | None = None, **kwargs) -> str:
         save_minutes=a.save_minutes,
         resume=a.resume,
         allow_pickle=a.allow_pickle,
+        objective=a.objective,
+        kd_weight=a.kd_weight,
+        kd_temperature=a.kd_temperature,
+        kd_topk=a.kd_topk,
+        teacher=a.teacher,
+        save_dtype=a.save_dtype,
+        report_to=a.report_to,
+        cache_dir=a.cache_dir,
     )
     if "rank" in report:
         return f"rank {report['rank']}: trained its data shard; the main process writes the outputs"
