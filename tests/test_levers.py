@@ -275,3 +275,10 @@ def test_a_registered_toy_evaluation_task_runs_through_cli_pipeline_and_report(t
         assert "toy_norm embedding_norm" in (tmp_path / "run" / "report.md").read_text()
     finally:
         EVAL_TASKS.pop("toy_norm", None)
+
+
+def test_pipeline_refuses_a_trl_selection_format(tmp_path, tiny_model_dir, tiny_pruned_dir, capsys):
+    cfg = write_pipeline_config(tmp_path / "exp.yaml", tiny_model_dir, tiny_pruned_dir, tmp_path / "run", ["random"])
+    cfg.write_text(cfg.read_text().replace("select: {k_min: 2", "select: {selected_format: messages, k_min: 2"))
+    assert main(["pipeline", "--config", str(cfg)]) == 2
+    assert "selected_format must be records" in capsys.readouterr().err

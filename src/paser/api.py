@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from paser.config import EvaluateArgs, PruneArgs, RecoverArgs, SelectArgs
 from paser.errors import PaserError
-from paser.results import EvaluationResult, PruneResult
+from paser.results import EvaluationResult, PruneResult, RecoveryResult
 
 if TYPE_CHECKING:  # pragma: no cover
     from paser.select.estimate import Estimate
@@ -73,7 +73,7 @@ def estimate(args: SelectArgs | None = None, **kwargs) -> "Estimate":
     return estimate_selection(a)
 
 
-def recover(args: RecoverArgs | None = None, **kwargs) -> str:
+def recover(args: RecoverArgs | None = None, **kwargs) -> RecoveryResult:
     """LoRA recovery on selected records; writes adapter/, merged/ and logs."""
     a = _coerce_args(RecoverArgs, args, kwargs)
     _need(a.model, "--model PRUNED", "recover")
@@ -113,13 +113,7 @@ def recover(args: RecoverArgs | None = None, **kwargs) -> str:
         report_to=a.report_to,
         cache_dir=a.cache_dir,
     )
-    if "rank" in report:
-        return f"rank {report['rank']}: trained its data shard; the main process writes the outputs"
-    first, last = report.get("initial_loss"), report.get("final_loss")
-    msg = f"recovered model written to {Path(a.out) / 'merged'} (adapter in {Path(a.out) / 'adapter'})"
-    if first is not None and last is not None:
-        msg += f"\ntraining loss {first:.3f} -> {last:.3f}"
-    return msg
+    return RecoveryResult(Path(a.out), report)
 
 
 def evaluate(args: EvaluateArgs | None = None, **kwargs) -> EvaluationResult:

@@ -130,6 +130,11 @@ def load_pipeline_config(path: str | Path, out: str | None = None) -> PipelineCo
     build_args(RecoverArgs, cfg.recover, source=path)
     build_args(PruneArgs, cfg.prune, source=path)
     build_args(EvaluateArgs, {k: v for k, v in cfg.evaluate.items() if k != "limits"}, source=path)
+    fmt = {**cfg.select}.get("selected_format", "records")
+    if fmt != "records" or any(isinstance(m, dict) and m.get("selected_format", "records") != "records" for m in cfg.methods):
+        # recovery reads selected.jsonl back as records; a TRL format would be templated twice
+        raise InputError(str(path), "the pipeline recovers from selected.jsonl: selected_format must be records",
+                         line=_yaml_key_line(path, "selected_format"), field="selected_format")
     for e in method_entries(cfg, path):  # each variant's own options, with the sections' defaults
         build_args(SelectArgs, {**cfg.select, **e.select, "method": e.method}, source=path)
         build_args(RecoverArgs, {**cfg.recover, **e.recover}, source=path)
@@ -484,8 +489,7 @@ def _run_unit(cfg: PipelineConfig, root: Path, pruned_dir: str, prune_key: dict,
 
     rec = Stage(root, "recover", label, {"selection": sel.hash, **rec_opts, "pruned": prune_key})
     if not rec.done:
-        timed("recover", api.recover, RecoverArgs(model=pruned_dir, data=str(sel.dir / "selected.jsonl"), out=str(rec.dir), **rec_opts))
-        rep = json.loads((rec.dir / "recovery_report.json").read_text())
+        rep = timed("recover", api.recover, RecoverArgs(model=pruned_dir, data=str(sel.dir / "selected.jsonl"), out=str(rec.dir), **rec_opts)).report
         rec.finish({k: rep.get(k) for k in ("initial_loss", "final_loss", "seconds", "seconds_total", "tokens_trained") if k in rep})
     results = evaluate(label, str(rec.dir / "merged"))
     return {

@@ -36,6 +36,29 @@ class PruneResult(_Printable):
 
 
 @dataclass
+class RecoveryResult(_Printable):
+    out_dir: Path
+    report: dict = field(default_factory=dict)  # recovery_report.json (or a rank's note in a data-parallel run)
+
+    @property
+    def merged(self) -> Path:
+        return self.out_dir / "merged"
+
+    @property
+    def adapter(self) -> Path:
+        return self.out_dir / "adapter"
+
+    def summary(self) -> str:
+        if "rank" in self.report:
+            return f"rank {self.report['rank']}: trained its data shard; the main process writes the outputs"
+        msg = f"recovered model written to {self.merged} (adapter in {self.adapter})"
+        first, last = self.report.get("initial_loss"), self.report.get("final_loss")
+        if first is not None and last is not None:
+            msg += f"\ntraining loss {first:.3f} -> {last:.3f}"
+        return msg
+
+
+@dataclass
 class EvaluationResult(_Printable):
     results: dict  # the results JSON: model, tasks, per-task results, summary, provenance
     out: Path | None = None

@@ -313,7 +313,7 @@ def cost_table(summary: dict) -> tuple[list[str], list[list[str]]]:
     the tasks' recorded times. Selection time includes scoring only where this unit scored:
     seeds after the first reuse the cached scores. "-": not run or not recorded.
     """
-    header = ["Unit", "records", "select (s)", "tokens scored", "recover (s)", "tokens trained", "evaluate (s)", "total (s)"]
+    header = ["Unit", "select (s)", "tokens scored", "recover (s)", "tokens trained", "evaluate (s)", "total (s)", "records"]
     sels = summary.get("selections", {})
     body: list[list[str]] = []
     sums = [0.0, 0, 0.0, 0, 0.0]
@@ -327,10 +327,10 @@ def cost_table(summary: dict) -> tuple[list[str], list[list[str]]]:
         for i, v in enumerate(vals):
             sums[i] += v or 0
         secs = [v for v in (vals[0], vals[2], vals[4]) if v is not None]
-        body.append([label, _whole(sel.get("selected")), _whole(vals[0]), _whole(vals[1]), _whole(vals[2]), _whole(vals[3]), _whole(vals[4]),
-                     _whole(sum(secs) if secs else None)])
+        body.append([label, _whole(vals[0]), _whole(vals[1]), _whole(vals[2]), _whole(vals[3]), _whole(vals[4]),
+                     _whole(sum(secs) if secs else None), _whole(sel.get("selected"))])
     if body:
-        body.append(["all", "-", *(_whole(v) for v in sums), _whole(sums[0] + sums[2] + sums[4])])
+        body.append(["all", *(_whole(v) for v in sums), _whole(sums[0] + sums[2] + sums[4]), "-"])
     return header, body
 
 
