@@ -78,6 +78,23 @@ def magnitude_prune_(model, share: float = 0.5):
     return model
 
 
+def save_dense_and_sparse(root, tok, head_scale: float | None = None):
+    """Save a tiny LLaMA (untied head, optionally scaled for peaked distributions) and its
+    50 %-magnitude-pruned copy, each with `tok`; returns (dense dir, sparse dir)."""
+    import torch
+
+    dense = tiny_llama(len(tok), tie_word_embeddings=False)
+    if head_scale is not None:
+        with torch.no_grad():
+            dense.lm_head.weight.mul_(head_scale)
+    dense.save_pretrained(root / "dense")
+    tok.save_pretrained(root / "dense")
+    magnitude_prune_(dense)
+    dense.save_pretrained(root / "sparse")
+    tok.save_pretrained(root / "sparse")
+    return root / "dense", root / "sparse"
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny matrices: one thread is faster, and far faster on a busy shared CPU (measured 40x)."""

@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 
-from conftest import magnitude_prune_, tiny_llama
+from conftest import magnitude_prune_, save_dense_and_sparse, tiny_llama
 
 from paser.errors import PaserError
 from paser.io.records import Record
@@ -70,14 +70,7 @@ def tok():
 @pytest.fixture(scope="module")
 def model_dirs(tmp_path_factory, tok):
     """(dense dir, 50 %-sparse dir) of the same tiny LLaMA, each with the tokenizer."""
-    root = tmp_path_factory.mktemp("models")
-    dense = tiny_llama(len(tok), tie_word_embeddings=False)
-    dense.save_pretrained(root / "dense")
-    tok.save_pretrained(root / "dense")
-    magnitude_prune_(dense)
-    dense.save_pretrained(root / "sparse")
-    tok.save_pretrained(root / "sparse")
-    return root / "dense", root / "sparse"
+    return save_dense_and_sparse(tmp_path_factory.mktemp("models"), tok)
 
 
 def _adapter_tensors(out_dir) -> dict[str, torch.Tensor]:

@@ -9,7 +9,7 @@ import logging
 import pytest
 import torch
 
-from conftest import magnitude_prune_, tiny_llama
+from conftest import save_dense_and_sparse, tiny_llama
 from test_recover import _StepCounter, _adapter_tensors, _Crash, _crash_at, _records, _tokenizer
 
 from paser.errors import PaserError
@@ -38,16 +38,7 @@ def model_dirs(tmp_path_factory, tok):
 
     A 10x LM head gives the tiny random model peaked distributions (a default head puts every
     logit near 0, so any top-k would look like the whole vocabulary)."""
-    root = tmp_path_factory.mktemp("kd_models")
-    dense = tiny_llama(len(tok), tie_word_embeddings=False)
-    with torch.no_grad():
-        dense.lm_head.weight.mul_(10)
-    dense.save_pretrained(root / "dense")
-    tok.save_pretrained(root / "dense")
-    magnitude_prune_(dense)
-    dense.save_pretrained(root / "sparse")
-    tok.save_pretrained(root / "sparse")
-    return root / "dense", root / "sparse"
+    return save_dense_and_sparse(tmp_path_factory.mktemp("kd_models"), tok, head_scale=10)
 
 
 # ----------------------------------------------------------------------------- the maths
