@@ -14,6 +14,11 @@ Output directory:
     recovery_report.json  config, data, tokens, time, losses, sparsity before/after merge
     checkpoints/          while training only: adapter + optimizer + RNG every `save_steps`,
                           so a killed run resumes where it stopped with the same result
+
+The stage runs in five steps, each a function below: plan (check the options, load the model,
+encode the data, fix the run key: a RecoverPlan), resume (return a finished run's report, or
+find the checkpoint to continue), train (the objective's Trainer on a LoRA model: a
+TrainingSetup), merge (adapter and merged model, each swapped in whole), report.
 """
 
 from __future__ import annotations
@@ -202,51 +207,6 @@ def _training_dtype(model: nn.Module) -> torch.dtype:
     return dt
 
 
-def checkpoint_problem(ckpt: Path) -> str | None:
-    """Why `ckpt` cannot be resumed from, or None when it is complete.
-
-    The Trainer writes a checkpoint's weights, optimizer and RNG state first and
-    trainer_state.json last, so a readable trainer_state.json of the right step, next to the
-    adapter weights, marks a checkpoint whose save finished (a kill during the save leaves
-    a directory without it).
-    """
-    state = ckpt / "trainer_state.json"
-    if not state.is_file():
-        return "no trainer_state.json (the save was interrupted)"
-    try:
-        data = json.loads(state.read_text())
-    except (OSError, ValueError) as e:
-        return f"unreadable trainer_state.json ({type(e).__name__})"
-    step = ckpt.name.rsplit("-", 1)[-1]
-    if not isinstance(data, dict) or str(data.get("global_step")) != step:
-        return "trainer_state.json does not belong to this step"
-    if not any((ckpt / f).is_file() for f in ("adapter_model.safetensors", "adapter_model.bin", "model.safetensors")):
-        return "no adapter weights"
-    return None
-
-
-def _last_checkpoint(ckpt_dir: Path) -> str | None:
-    """The newest complete checkpoint in `ckpt_dir`; incomplete ones are removed with a warning.
-
-    Removed, not only skipped: the Trainer's own checkpoint rotation counts every
-    checkpoint-N directory, and would otherwise delete a good checkpoint to keep a broken one.
-    """
-    if not ckpt_dir.is_dir():
-        return None
-    found = []
-    for d in ckpt_dir.iterdir():
-        m = re.fullmatch(r"checkpoint-(\d+)", d.name)
-        if m and d.is_dir():
-            found.append((int(m.group(1)), d))
-    for _, d in sorted(found, reverse=True):
-        why = checkpoint_problem(d)
-        if why is None:
-            return str(d)
-        log.warning("recover: ignoring incomplete checkpoint %s: %s; removing it", d, why)
-        shutil.rmtree(d, ignore_errors=True)
-    return None
-
-
 def _config_dtype(model_path: str) -> str | None:
     """The dtype a model directory's config.json declares ("dtype", or the older "torch_dtype")."""
     if not model_path:
@@ -326,18 +286,6 @@ def _first(xs: list[dict], key: str = "loss") -> float | None:
 
 def _last(xs: list[dict], key: str = "loss") -> float | None:
     return xs[-1][key] if xs else None
-
-
-# ----------------------------------------------------------------------------- Trainer arguments
-
-
-def _checkpointing_kwarg(training_args_cls, on: bool) -> dict[str, bool]:
-    """transformers renamed TrainingArguments' gradient_checkpointing to activation_checkpointing
-    after 5.17; paser supports both, so that it installs beside llm-compressor (transformers<=5.17)."""
-    import inspect
-
-    params = inspect.signature(training_args_cls.__init__).parameters
-    return {"activation_checkpointing" if "activation_checkpointing" in params else "gradient_checkpointing": on}
 
 
 # ----------------------------------------------------------------------------- options and plan
@@ -524,6 +472,51 @@ def plan_run(model_spec: str, records: Sequence[Record], out_dir: str | os.PathL
 # ----------------------------------------------------------------------------- resume
 
 
+def checkpoint_problem(ckpt: Path) -> str | None:
+    """Why `ckpt` cannot be resumed from, or None when it is complete.
+
+    The Trainer writes a checkpoint's weights, optimizer and RNG state first and
+    trainer_state.json last, so a readable trainer_state.json of the right step, next to the
+    adapter weights, marks a checkpoint whose save finished (a kill during the save leaves
+    a directory without it).
+    """
+    state = ckpt / "trainer_state.json"
+    if not state.is_file():
+        return "no trainer_state.json (the save was interrupted)"
+    try:
+        data = json.loads(state.read_text())
+    except (OSError, ValueError) as e:
+        return f"unreadable trainer_state.json ({type(e).__name__})"
+    step = ckpt.name.rsplit("-", 1)[-1]
+    if not isinstance(data, dict) or str(data.get("global_step")) != step:
+        return "trainer_state.json does not belong to this step"
+    if not any((ckpt / f).is_file() for f in ("adapter_model.safetensors", "adapter_model.bin", "model.safetensors")):
+        return "no adapter weights"
+    return None
+
+
+def _last_checkpoint(ckpt_dir: Path) -> str | None:
+    """The newest complete checkpoint in `ckpt_dir`; incomplete ones are removed with a warning.
+
+    Removed, not only skipped: the Trainer's own checkpoint rotation counts every
+    checkpoint-N directory, and would otherwise delete a good checkpoint to keep a broken one.
+    """
+    if not ckpt_dir.is_dir():
+        return None
+    found = []
+    for d in ckpt_dir.iterdir():
+        m = re.fullmatch(r"checkpoint-(\d+)", d.name)
+        if m and d.is_dir():
+            found.append((int(m.group(1)), d))
+    for _, d in sorted(found, reverse=True):
+        why = checkpoint_problem(d)
+        if why is None:
+            return str(d)
+        log.warning("recover: ignoring incomplete checkpoint %s: %s; removing it", d, why)
+        shutil.rmtree(d, ignore_errors=True)
+    return None
+
+
 def finished_report(plan: RecoverPlan) -> dict | None:
     """The stored report when out_dir already holds this run's finished result."""
     old = _read_json(plan.out / REPORT_FILE)
@@ -604,6 +597,15 @@ class TrainingSetup:
     n_trainable: int
     resume_from: str | None
     prior_seconds: float  # training time before the checkpoint resumed from
+
+
+def _checkpointing_kwarg(training_args_cls, on: bool) -> dict[str, bool]:
+    """transformers renamed TrainingArguments' gradient_checkpointing to activation_checkpointing
+    after 5.17; paser supports both, so that it installs beside llm-compressor (transformers<=5.17)."""
+    import inspect
+
+    params = inspect.signature(training_args_cls.__init__).parameters
+    return {"activation_checkpointing" if "activation_checkpointing" in params else "gradient_checkpointing": on}
 
 
 def _training_arguments(plan: RecoverPlan):
