@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from conftest import magnitude_prune_, tiny_llama
+from conftest import magnitude_prune_, tiny_llama, write_pipeline_config
 from test_recover import _records, _tokenizer
 
 from paser.cli import main
@@ -64,7 +64,7 @@ def _scaled_sft(ctx):
     return TrainerPiece(ScaledTrainer, ResponseCollator(ctx.pad_id, ctx.pad_to_multiple_of), ctx.train_ds)
 
 
-def test_a_registered_toy_objective_runs_through_cli_config_and_report(tmp_path, sparse_dir):
+def test_a_registered_toy_objective_runs_through_cli_config_pipeline_and_report(tmp_path, sparse_dir, tiny_model_dir, tiny_pruned_dir):
     register_objective("sft_scaled", "kd_weight x the response cross-entropy (a toy)",
                        options={"kd_weight": "the loss weight (a toy)"})(_scaled_sft)  # fmt: skip
     try:
@@ -89,5 +89,14 @@ def test_a_registered_toy_objective_runs_through_cli_config_and_report(tmp_path,
         assert build_args(RecoverArgs, {"objective": "sft_scaled"}).objective == "sft_scaled"
         with pytest.raises(PaserError, match="sft_scaled"):  # the error lists the registered choices
             build_args(RecoverArgs, {"objective": "sft_half"})
+        # the pipeline trains with it, and gives it no teacher (it needs none)
+        cfg = write_pipeline_config(tmp_path / "exp.yaml", tiny_model_dir, tiny_pruned_dir, tmp_path / "run", ["random"],
+                                    recover="{max_steps: 2, batch_size: 2, objective: sft_scaled}",
+                                    extra="include_dense: false\ninclude_unrecovered: false\n")  # fmt: skip
+        assert main(["pipeline", "--config", str(cfg)]) == 0
+        (rec,) = [json.loads(p.read_text()) for p in (tmp_path / "run" / "recover").glob("*/recovery_report.json")]
+        assert rec["objective"] == "sft_scaled" and rec["config"]["options"] == {"kd_weight": 0.5}
+        (done,) = [json.loads(p.read_text()) for p in (tmp_path / "run" / "recover").glob("*/DONE.json")]
+        assert done["key"]["objective"] == "sft_scaled" and "teacher" not in done["key"]
     finally:
         RECOVERY_OBJECTIVES.pop("sft_scaled", None)

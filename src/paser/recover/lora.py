@@ -53,6 +53,7 @@ from paser.io.models import (
     resolve_model_path,
 )
 from paser.io.records import Record
+from paser.recover.callbacks import ELAPSED_FILE, make_callbacks, summarise_log
 from paser.recover.data import RecoveryDataset, encode_records, split_validation
 from paser.recover.distill import TeacherTargets, open_or_build_teacher_targets, teacher_cache_key
 from paser.recover.merge import linear_sparsity, merge_keep_sparsity, sparsity_masks
@@ -62,7 +63,6 @@ log = logging.getLogger(__name__)
 
 REPORT_FILE = "recovery_report.json"
 LOG_FILE = "training_log.json"
-ELAPSED_FILE = "paser_elapsed.json"  # in each checkpoint: training seconds up to it, across resumes
 RUN_FILE = "run.json"  # the key of the run that owns checkpoints/, so a resume never mixes runs
 # benchmarks/kd_topk.py, SmolLM2-135M vs its Wanda-50 % prune, 40 pool records, T = 1: k = 64
 # keeps 95.1 % of the teacher's mass (5th percentile 78 %), 94 % of the full-vocabulary KL, and
@@ -71,7 +71,6 @@ RUN_FILE = "run.json"  # the key of the run that owns checkpoints/, so a resume 
 DEFAULT_KD_TOPK = 64
 SAVE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 REPORT_TO = ("none", "tensorboard", "wandb")
-PROGRESS_LABEL = "LoRA recovery"
 # the package each Trainer integration imports (transformers checks these names itself)
 _REPORT_PACKAGES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",)}
 
@@ -105,91 +104,6 @@ def lora_target_modules(model: nn.Module) -> tuple[str, list[str]]:
     # peft applies a string target as re.fullmatch on module names of the base model
     regex = rf"{head}(?:.*\.)?\d+\.(?:.*\.)?(?:{'|'.join(map(re.escape, names))})"
     return regex, names
-
-
-# ----------------------------------------------------------------------------- Trainer callbacks
-
-
-def _summarise_log(history: list[dict]) -> dict[str, list[dict]]:
-    """Trainer's log_history → {"train": [{step, epoch, loss, lr, grad_norm}], "val": [{step, epoch, loss}]}."""
-    train, val = [], []
-    for h in history:
-        if "loss" in h:
-            train.append(
-                {
-                    "step": h.get("step"),
-                    "epoch": h.get("epoch"),
-                    "loss": h["loss"],
-                    "lr": h.get("learning_rate"),
-                    "grad_norm": h.get("grad_norm"),
-                }
-            )
-        elif "eval_loss" in h:
-            val.append({"step": h.get("step"), "epoch": h.get("epoch"), "loss": h["eval_loss"]})
-    return {"train": train, "val": val}
-
-
-def _make_callbacks(log_path: Path, show_progress: bool, prior_seconds: float = 0.0, save_minutes: float = 0.0):
-    from transformers import ProgressCallback, TrainerCallback
-
-    class LogWriter(TrainerCallback):
-        """Writes training_log.json at every log event, so a killed run leaves its curve behind.
-        log_history comes back from the checkpoint on resume, so the file stays continuous."""
-
-        def __init__(self):
-            self.tokens_at_begin = 0
-            self.tokens_at_end = 0
-            self.initial_eval: dict | None = None  # evaluate() before train(): train() resets the history
-            self.prior_seconds = prior_seconds  # training time before the checkpoint resumed from
-            self.t_begin = time.perf_counter()
-            self.t_saved = self.t_begin
-
-        def on_train_begin(self, args, state, control, **kw):
-            self.tokens_at_begin = state.num_input_tokens_seen
-            self.t_begin = self.t_saved = time.perf_counter()
-            if self.initial_eval is not None and state.global_step == 0:
-                # into the Trainer's own history, so checkpoints carry it across a resume
-                state.log_history.insert(0, {**self.initial_eval, "epoch": 0.0, "step": 0})
-
-        def on_train_end(self, args, state, control, **kw):
-            self.tokens_at_end = state.num_input_tokens_seen
-
-        def on_log(self, args, state, control, logs=None, **kw):
-            atomic_write_json(log_path, _summarise_log(state.log_history))
-
-        def on_step_end(self, args, state, control, **kw):
-            # The Trainer saves by steps only; on a CPU, 100 steps can be 20 minutes of work.
-            # One process only: in a data-parallel run each rank's clock would decide on its
-            # own, and ranks that disagree on a save can wait on each other for ever.
-            if save_minutes > 0 and args.world_size == 1 and time.perf_counter() - self.t_saved >= 60 * save_minutes:
-                control.should_save = True
-
-        def on_save(self, args, state, control, **kw):
-            self.t_saved = time.perf_counter()
-            # The Trainer's checkpoints keep no wall time; without this a resumed run would
-            # report only its last part as the cost of recovery.
-            ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            if state.is_world_process_zero and ckpt.is_dir():
-                atomic_write_json(ckpt / ELAPSED_FILE, {"seconds": self.elapsed()})
-
-        def elapsed(self) -> float:
-            return self.prior_seconds + time.perf_counter() - self.t_begin
-
-    class QuietProgress(ProgressCallback):
-        """The Trainer's bar, labelled, with the loss as a postfix instead of one printed dict per step."""
-
-        def on_train_begin(self, args, state, control, **kw):
-            super().on_train_begin(args, state, control, **kw)
-            if self.training_bar is not None:
-                self.training_bar.set_description(PROGRESS_LABEL, refresh=False)
-
-        def on_log(self, args, state, control, logs=None, **kw):
-            if self.training_bar is not None and logs:
-                post = {k: f"{logs[k]:.4g}" for k in ("loss", "eval_loss") if k in logs}
-                if post:
-                    self.training_bar.set_postfix(post, refresh=False)
-
-    return LogWriter(), (QuietProgress() if show_progress else None)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -675,7 +589,7 @@ def build_training(plan: RecoverPlan, resume_from: str | None, targets: TeacherT
 
     args = _training_arguments(plan)
     prior = (_read_json(Path(resume_from) / ELAPSED_FILE) or {}).get("seconds", 0.0) if resume_from else 0.0
-    log_writer, progress = _make_callbacks(plan.log_path, o.show_progress, prior_seconds=float(prior), save_minutes=o.save_minutes)
+    log_writer, progress = make_callbacks(plan.log_path, o.show_progress, prior_seconds=float(prior), save_minutes=o.save_minutes)
     ctx = ObjectiveContext(options=o, pad_id=plan.pad_id, pad_to_multiple_of=8 if plan.device.type == "cuda" else None,
                            train_ds=plan.train_ds, targets=targets)  # fmt: skip
     piece = plan.objective.build(ctx)
@@ -718,7 +632,7 @@ def train(plan: RecoverPlan, setup: TrainingSetup) -> TrainingOutcome:
         last_eval_step = max((h["step"] for h in state.log_history if "eval_loss" in h), default=-1)
         if last_eval_step != state.global_step:
             trainer.evaluate()  # the final validation loss, when the schedule did not end on one
-    return TrainingOutcome(seconds, step0, _summarise_log(state.log_history))
+    return TrainingOutcome(seconds, step0, summarise_log(state.log_history))
 
 
 # ----------------------------------------------------------------------------- merge
