@@ -33,9 +33,9 @@ from typing import Any
 
 import torch
 
+from paser.errors import PaserError
 from paser.io.batching import right_pad
 from paser.io.cache import atomic_write_bytes, atomic_write_json, stable_hash
-from paser.errors import PaserError
 from paser.recover.data import pad_batch
 from paser.recover.objectives import ObjectiveContext, TrainerPiece, register_objective
 
