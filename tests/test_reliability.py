@@ -261,6 +261,28 @@ def test_full_disk_is_one_line_and_leaves_no_partial_file(tmp_path, capsys, monk
     assert not out.exists() and not [p for p in out.parent.glob("*") if p.name.startswith(".")]
 
 
+def test_atomic_write_dir_swaps_whole_and_a_failed_writer_keeps_the_old_directory(tmp_path):
+    from paser.io.cache import atomic_write_dir
+
+    target = tmp_path / "model"
+    assert atomic_write_dir(target, lambda d: (d / "a.txt").write_text("one")) == target
+    assert (target / "a.txt").read_text() == "one"
+
+    def broken(d: Path) -> None:
+        (d / "b.txt").write_text("half")
+        raise RuntimeError("killed half-way")
+
+    with pytest.raises(RuntimeError, match="half-way"):
+        atomic_write_dir(target, broken)
+    assert sorted(p.name for p in target.iterdir()) == ["a.txt"]  # the old directory, untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no temporary left behind
+    atomic_write_dir(target, lambda d: (d / "c.txt").write_text("two"))
+    assert sorted(p.name for p in target.iterdir()) == ["c.txt"]  # replaced whole: nothing of the old mixed in
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+    atomic_write_dir(tmp_path / "new" / "dir", lambda d: (d / "x").write_text(""))  # parents are made
+    assert (tmp_path / "new" / "dir" / "x").exists()
+
+
 # ----------------------------------------------------------------------------- corrupt inputs
 
 

@@ -82,37 +82,11 @@ def recover(args: RecoverArgs | None = None, **kwargs) -> RecoveryResult:
     from paser.io.records import load_records
 
     records, _ = load_records(a.data, skip_invalid=a.skip_invalid)  # bad data fails before any model loads
-    from paser.recover import recover as run_recover
+    from paser.recover.lora import RecoverOptions
+    from paser.recover.lora import recover as run_recover
 
-    report = run_recover(
-        a.model,
-        records,
-        a.out,
-        template=a.template,
-        cutoff=a.cutoff,
-        r=a.r,
-        alpha=a.alpha,
-        dropout=a.dropout,
-        lr=a.lr,
-        epochs=a.epochs,
-        batch_size=a.batch_size,
-        grad_accum=a.grad_accum,
-        seed=a.seed,
-        val_fraction=a.val_fraction,
-        max_steps=a.max_steps,
-        save_steps=a.save_steps,
-        save_minutes=a.save_minutes,
-        resume=a.resume,
-        allow_pickle=a.allow_pickle,
-        objective=a.objective,
-        kd_weight=a.kd_weight,
-        kd_temperature=a.kd_temperature,
-        kd_topk=a.kd_topk,
-        teacher=a.teacher,
-        save_dtype=a.save_dtype,
-        report_to=a.report_to,
-        cache_dir=a.cache_dir,
-    )
+    # every RecoverArgs field that is a recover() setting, by name (model, data, out are not)
+    report = run_recover(a.model, records, a.out, RecoverOptions.from_args(a))
     return RecoveryResult(Path(a.out), report)
 
 

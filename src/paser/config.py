@@ -21,6 +21,7 @@ import yaml
 
 from paser.errors import InputError, OptionError, PaserError
 from paser.io.templates import TEMPLATES
+from paser.recover.objectives import option_help, recovery_objectives
 from paser.select.registry import allocation_rules, choices_help, rankings, selection_methods
 
 
@@ -300,13 +301,13 @@ class RecoverArgs(_Validated):
     seed: int = _f(0, "random seed", min=0)
     allow_pickle: bool = _f(False, "allow loading pickled checkpoints (trusted files only)")
     skip_invalid: bool = _f(False, "skip malformed records instead of stopping")
-    objective: str = _f("sft", "training objective: sft (cross-entropy on the responses) | kd (T^2 * KL(teacher || student) on the same response tokens) | sft+kd ((1 - kd_weight) * CE + kd_weight * T^2 * KL)", choices=("sft", "kd", "sft+kd"))
-    kd_weight: float = _f(0.5, "sft+kd: weight w of the distillation term, loss = (1 - w) * CE + w * T^2 * KL (0 = sft, 1 = kd)", min=0.0, max=1.0)
-    kd_temperature: float = _f(1.0, "kd: temperature T of both softmaxes; the KL term is scaled by T^2", gt=0.0)
-    kd_topk: int = _f(64, "kd: teacher tokens kept per position; the rest is one tail bucket, so the KL is exact over k + 1 buckets (64 chosen by benchmarks/kd_topk.py)", min=1)
-    teacher: str = _f("smollm2-135m", "kd: the original, unpruned model whose next-token distribution is distilled (embedded name or directory)")
+    objective: str = _f("sft", "training objective: " + choices_help(recovery_objectives()), choices=lambda: tuple(recovery_objectives()))
+    kd_weight: float = _f(0.5, option_help("kd_weight"), min=0.0, max=1.0)
+    kd_temperature: float = _f(1.0, option_help("kd_temperature"), gt=0.0)
+    kd_topk: int = _f(64, option_help("kd_topk"), min=1)
+    teacher: str = _f("smollm2-135m", option_help("teacher"))
     save_dtype: str = _f("auto", "dtype of merged/: auto (the model's own, from its config.json) | float32 | bfloat16 | float16", choices=("auto", "float32", "bfloat16", "float16"))
-    cache_dir: str | None = _f(None, "kd: where the teacher's top-k cache lives, under teacher/ (default: $PASER_CACHE or ~/.cache/paser)")
+    cache_dir: str | None = _f(None, option_help("cache_dir"))
     report_to: str = _f("none", "experiment logging of the Trainer: none | tensorboard (logs in OUT/tensorboard) | wandb (offline unless WANDB_MODE is set)", choices=("none", "tensorboard", "wandb"))
 
 

@@ -21,6 +21,7 @@ from paser.config import EvaluateArgs, RecoverArgs, SelectArgs, _yaml_key_line, 
 from paser.errors import InputError, PaserError
 from paser.io.archive import ResultArchive, archive_key
 from paser.io.cache import atomic_write_json, default_cache_dir, stable_hash
+from paser.recover.objectives import DEFAULT_OBJECTIVE, get_objective
 
 log = logging.getLogger(__name__)
 
@@ -469,7 +470,7 @@ def _unit_options(cfg: PipelineConfig, pruned_dir: str, entry: MethodEntry, budg
     if cfg.pool_limit is not None and pool_seed != seed:
         sel_opts["limit_seed"] = pool_seed
     rec_opts = {**cfg.recover, **entry.recover, "seed": seed}
-    if rec_opts.get("objective", "sft") != "sft" and "teacher" not in rec_opts:
+    if get_objective(rec_opts.get("objective", DEFAULT_OBJECTIVE)).needs_teacher and "teacher" not in rec_opts:
         rec_opts["teacher"] = cfg.original  # distillation from the model that was pruned
     return sel_opts, rec_opts
 

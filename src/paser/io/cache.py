@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import socket
 import tempfile
 import uuid
@@ -82,6 +83,37 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def atomic_write_dir(target: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """Build a directory with `write(tmp)` in a hidden sibling, then swap it in for `target`.
+
+    A crash or an exception in `write` leaves `target` as it was (an older model stays
+    loadable) and no half-written directory under its name. The swap is two renames (old
+    aside, new in) on one file system, so `target` is never half-written, only missing
+    between them; the old copy is deleted after the new one is in place.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    if tmp.exists():  # left by an earlier crash of this same pid number
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        write(tmp)
+        if target.exists():
+            old = target.with_name(f".{target.name}.old-{os.getpid()}")
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(target, old)
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

@@ -19,7 +19,7 @@ import torch
 from paser.errors import ModelError
 from paser.embedded import install_hint as embedded_install_hint
 from paser.extras import require
-from paser.io.cache import atomic_write_json, default_cache_dir
+from paser.io.cache import atomic_write_dir, atomic_write_json, default_cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -126,23 +126,17 @@ def materialise_embedded(name: str, cache_dir: Path | None = None) -> Path:
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     _clear_gguf_quantization(model)
-    tmp = out.with_name(out.name + ".tmp")
-    if tmp.exists():
-        import shutil
 
-        shutil.rmtree(tmp)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tok.save_pretrained(tmp)
-    fp = fingerprint_directory(tmp)
-    # The file stats make the stored fingerprint checkable (see _cached_dir_fingerprint); they
-    # are taken in tmp, and a rename keeps inode, size and times.
-    atomic_write_json(tmp / "paser_model.json", {"name": name, "gguf": gguf.name, "fingerprint": fp, "files": _weight_stats(tmp),
-                                                  "seconds": time.time() - t0})
-    if out.exists():
-        import shutil
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        fp = fingerprint_directory(tmp)
+        # The file stats make the stored fingerprint checkable (see _cached_dir_fingerprint); they
+        # are taken in tmp, and a rename keeps inode, size and times.
+        atomic_write_json(tmp / "paser_model.json", {"name": name, "gguf": gguf.name, "fingerprint": fp, "files": _weight_stats(tmp),
+                                                      "seconds": time.time() - t0})
 
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    atomic_write_dir(out, write)
     return out
 
 

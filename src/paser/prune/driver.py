@@ -19,7 +19,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -575,7 +574,7 @@ def save_pruned(model: nn.Module, tokenizer, out_dir: str | os.PathLike, report:
     An existing non-empty directory is replaced only if it holds a model (config.json) or a
     previous pruning report; anything else is refused rather than deleted.
     """
-    from paser.io.cache import atomic_write_json
+    from paser.io.cache import atomic_write_dir, atomic_write_json
 
     out = Path(out_dir).expanduser()
     if out.exists():
@@ -583,25 +582,14 @@ def save_pruned(model: nn.Module, tokenizer, out_dir: str | os.PathLike, report:
             raise PaserError(f"{out}: exists and is not a directory")
         if any(out.iterdir()) and not ((out / "config.json").exists() or (out / REPORT_NAME).exists()):
             raise PaserError(f"{out}: directory is not empty and holds no model; choose another --out")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    try:
-        model.save_pretrained(tmp, safe_serialization=True)
+
+    def write(d: Path) -> None:
+        model.save_pretrained(d, safe_serialization=True)
         if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        atomic_write_json(tmp / REPORT_NAME, report)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+            tokenizer.save_pretrained(d)
+        atomic_write_json(d / REPORT_NAME, report)
+
+    atomic_write_dir(out, write)
     return out
 
 

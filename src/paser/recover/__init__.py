@@ -2,7 +2,7 @@
 keeps the pruned model's zeros. `recover()` is the stage; the rest are its parts."""
 
 from paser.recover.data import RecoveryDataset, ResponseCollator, encode_records, pad_batch, split_validation
-from paser.recover.lora import lora_target_modules, recover
+from paser.recover.lora import RecoverOptions, lora_target_modules, recover
 from paser.recover.merge import (
     apply_zero_mask,
     apply_zero_masks,
@@ -14,6 +14,7 @@ from paser.recover.merge import (
 
 __all__ = [
     "recover",
+    "RecoverOptions",
     "lora_target_modules",
     "encode_records",
     "split_validation",

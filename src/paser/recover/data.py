@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from paser.errors import PaserError
+from paser.io.batching import right_pad
 from paser.io.records import Record
 from paser.io.templates import encode_example
 
@@ -102,19 +103,11 @@ def pad_batch(
     """Right-pad to the longest example of the batch: input_ids with pad, labels with -100.
 
     `pad_to_multiple_of` (e.g. 8 on a GPU) rounds the length up for tensor-core friendly shapes.
+    The labels are padded by the same collation as the ids (they have the same length), with
+    the ignore index as their pad value, so padding never carries loss.
     """
-    longest = max(len(f["input_ids"]) for f in features)
-    if pad_to_multiple_of:
-        longest = -(-longest // pad_to_multiple_of) * pad_to_multiple_of
-    n = len(features)
-    input_ids = torch.full((n, longest), pad_token_id, dtype=torch.long)
-    labels = torch.full((n, longest), IGNORE_INDEX, dtype=torch.long)
-    attention = torch.zeros((n, longest), dtype=torch.long)
-    for i, f in enumerate(features):
-        k = len(f["input_ids"])
-        input_ids[i, :k] = torch.tensor(f["input_ids"], dtype=torch.long)
-        labels[i, :k] = torch.tensor(f["labels"], dtype=torch.long)
-        attention[i, :k] = 1
+    input_ids, attention = right_pad([f["input_ids"] for f in features], pad_token_id, pad_to_multiple_of)
+    labels, _ = right_pad([f["labels"] for f in features], IGNORE_INDEX, pad_to_multiple_of)
     return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
 
 

@@ -33,11 +33,14 @@ from typing import Any
 
 import torch
 
+from paser.errors import PaserError
+from paser.io.batching import right_pad
 from paser.io.cache import atomic_write_bytes, atomic_write_json, stable_hash
+from paser.recover.data import pad_batch
+from paser.recover.objectives import ObjectiveContext, TrainerPiece, register_objective
 
 log = logging.getLogger(__name__)
 
-OBJECTIVES = ("sft", "kd", "sft+kd")
 CACHE_FORMAT = 1
 TOPK_FILE = "topk.safetensors"
 META_FILE = "meta.json"  # written after the tensor file: its presence marks a complete entry
@@ -128,19 +131,14 @@ def full_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, T: float
     return (p.exp() * (p - q)).sum(-1)
 
 
-def kd_objective(
-    kl_sum: torch.Tensor, ce: torch.Tensor | None, n_tokens: torch.Tensor | int, objective: str, weight: float, T: float
-) -> torch.Tensor:
-    """The training loss from the summed per-token KL, the (already token-averaged) CE and the
-    token count that averages the KL (the same count the CE was averaged over)."""
+def distill_loss(kl_sum: torch.Tensor, ce: torch.Tensor | None, n_tokens: torch.Tensor | int, weight: float, T: float) -> torch.Tensor:
+    """The training loss from the summed per-token KL and the token count that averages it
+    (the same count the CE was averaged over): T²·KL alone when `ce` is None (kd), else
+    (1 − weight)·CE + weight·T²·KL with the already token-averaged CE (sft+kd)."""
     kd = (T * T) * kl_sum / n_tokens
-    if objective == "kd":
+    if ce is None:
         return kd
-    if objective == "sft+kd":
-        if ce is None:
-            raise ValueError("sft+kd needs the cross-entropy")
-        return (1.0 - weight) * ce + weight * kd
-    raise ValueError(f"not a distillation objective: {objective!r}")
+    return (1.0 - weight) * ce + weight * kd
 
 
 # ----------------------------------------------------------------------------- the teacher cache
@@ -270,13 +268,8 @@ def _teacher_rows(model, examples: Sequence[dict], k: int, temperature: float, m
     with torch.inference_mode():
         for a, b in plan_batches(lengths, max_batch_tokens=max_batch_tokens):
             batch = [order[j] for j in range(a, b)]
-            L = max(len(examples[i]["input_ids"]) for i in batch)
-            ids = torch.zeros((len(batch), L), dtype=torch.long)
-            att = torch.zeros((len(batch), L), dtype=torch.long)
-            for r, i in enumerate(batch):
-                n = len(examples[i]["input_ids"])
-                ids[r, :n] = torch.tensor(examples[i]["input_ids"])
-                att[r, :n] = 1
+            # pad id 0: right padding under causal attention, no real position sees it
+            ids, att = right_pad([examples[i]["input_ids"] for i in batch], 0)
             logits = model(input_ids=ids.to(device), attention_mask=att.to(device)).logits
             for r, i in enumerate(batch):
                 labels = examples[i]["labels"]
@@ -350,8 +343,6 @@ class DistillCollator:
     pad_to_multiple_of: int | None = None
 
     def __call__(self, features: Sequence[dict]) -> dict[str, torch.Tensor]:
-        from paser.recover.data import pad_batch
-
         batch = pad_batch(features, self.pad_token_id, self.pad_to_multiple_of)
         if features and all("kd_row" in f for f in features):
             parts = [self.targets.rows(int(f["kd_row"])) for f in features]
@@ -381,7 +372,7 @@ def make_distill_trainer_class():
     from transformers import Trainer
 
     class DistillTrainer(Trainer):
-        kd_objective: str = "kd"
+        kd_with_ce: bool = False  # sft+kd: the loss mixes in the response cross-entropy
         kd_weight: float = 0.5
         kd_temperature: float = 1.0
 
@@ -391,7 +382,7 @@ def make_distill_trainer_class():
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             labels = inputs["labels"]
             fwd = dict(inputs)
-            if self.kd_objective == "kd":
+            if not self.kd_with_ce:
                 fwd.pop("labels")  # no CE to compute
             elif self.model_accepts_loss_kwargs and num_items_in_batch is not None:
                 fwd["num_items_in_batch"] = num_items_in_batch
@@ -407,11 +398,56 @@ def make_distill_trainer_class():
                 n = num_items_in_batch
             else:
                 n = mask.sum()
-            ce = outputs.loss if self.kd_objective == "sft+kd" else None
-            loss = kd_objective(kl.sum(), ce, n, self.kd_objective, self.kd_weight, self.kd_temperature)
+            ce = outputs.loss if self.kd_with_ce else None
+            loss = distill_loss(kl.sum(), ce, n, self.kd_weight, self.kd_temperature)
             if self.args.average_tokens_across_devices and self.model_accepts_loss_kwargs and num_items_in_batch is not None:
                 # as Trainer.compute_loss does: the global token count divides each rank's sum
                 loss = loss * (self.accelerator.num_processes // self.get_tp_size())
             return (loss, outputs) if return_outputs else loss
 
     return DistillTrainer
+
+
+# ----------------------------------------------------------------------------- the objectives
+
+# The options both distillation objectives read (kd_weight only sft+kd), with their help text.
+_KD_OPTIONS = {
+    "kd_temperature": "temperature T of both softmaxes; the KL term is scaled by T^2",
+    "kd_topk": "teacher tokens kept per position; the rest is one tail bucket, so the KL is exact over k + 1 buckets "
+               "(64 chosen by benchmarks/kd_topk.py)",
+    "teacher": "the original, unpruned model whose next-token distribution is distilled (embedded name or directory)",
+    "cache_dir": "where the teacher's top-k cache lives, under teacher/ (default: $PASER_CACHE or ~/.cache/paser)",
+}  # fmt: skip
+_KD_WEIGHT = {"kd_weight": "weight w of the distillation term, loss = (1 - w) * CE + w * T^2 * KL (0 = sft, 1 = kd)"}
+
+
+def check_kd_options(o) -> None:
+    """Both distillation objectives check every KD option (kd_weight too), before any model loads."""
+    if not 0.0 <= o.kd_weight <= 1.0:
+        raise PaserError(f"recover: kd_weight must be in [0, 1], got {o.kd_weight}")
+    if not o.kd_temperature > 0:
+        raise PaserError(f"recover: kd_temperature must be > 0, got {o.kd_temperature}")
+    if o.kd_topk < 1:
+        raise PaserError(f"recover: kd_topk must be >= 1, got {o.kd_topk}")
+    if not o.teacher:
+        raise PaserError("recover: objective kd needs --teacher (the original, unpruned model)")
+
+
+def _distill_piece(ctx: ObjectiveContext, with_ce: bool) -> TrainerPiece:
+    trainer_cls = make_distill_trainer_class()
+    trainer_cls.kd_with_ce, trainer_cls.kd_weight = with_ce, ctx.options.kd_weight
+    trainer_cls.kd_temperature = ctx.options.kd_temperature
+    collator = DistillCollator(ctx.pad_id, ctx.targets, pad_to_multiple_of=ctx.pad_to_multiple_of)
+    return TrainerPiece(trainer_cls, collator, DistillDataset(ctx.train_ds))
+
+
+@register_objective("kd", "T^2 * KL(teacher || student) on the same response tokens",
+                    needs_teacher=True, options=_KD_OPTIONS, check=check_kd_options)  # fmt: skip
+def _kd(ctx: ObjectiveContext) -> TrainerPiece:
+    return _distill_piece(ctx, with_ce=False)
+
+
+@register_objective("sft+kd", "(1 - kd_weight) * CE + kd_weight * T^2 * KL",
+                    needs_teacher=True, options={**_KD_WEIGHT, **_KD_OPTIONS}, check=check_kd_options)  # fmt: skip
+def _sft_kd(ctx: ObjectiveContext) -> TrainerPiece:
+    return _distill_piece(ctx, with_ce=True)
