@@ -52,14 +52,14 @@ def test_interrupted_pipeline_leaves_a_partial_report_and_resumes(tmp_path, tiny
 
     out = tmp_path / "run"
     cfg = _config(tmp_path / "exp.yaml", tiny_model_dir, tiny_pruned_dir, out, ["random", "uniform"])
-    real = pl._run_unit
+    real = pl.Experiment._run_unit
 
-    def killed_at_uniform(cfg_, root, pruned_dir, prune_key, method, *a):
-        if method.label == "uniform":
+    def killed_at_uniform(self, unit):
+        if unit.entry.label == "uniform":
             raise KeyboardInterrupt  # as Ctrl-C or a kill would stop the run here
-        return real(cfg_, root, pruned_dir, prune_key, method, *a)
+        return real(self, unit)
 
-    monkeypatch.setattr(pl, "_run_unit", killed_at_uniform)
+    monkeypatch.setattr(pl.Experiment, "_run_unit", killed_at_uniform)
     with pytest.raises(KeyboardInterrupt):
         pl.run_pipeline(cfg)
     res = json.loads((out / "results.json").read_text())
@@ -68,7 +68,7 @@ def test_interrupted_pipeline_leaves_a_partial_report_and_resumes(tmp_path, tiny
     assert "Incomplete: 1 of 2" in (out / "report.md").read_text() and "Incomplete: 1 of 2" in (out / "report.html").read_text()
     done_before = {p.parent.name for p in out.glob("*/*/DONE.json")}
 
-    monkeypatch.setattr(pl, "_run_unit", real)
+    monkeypatch.setattr(pl.Experiment, "_run_unit", real)
     pl.run_pipeline(cfg)
     res = json.loads((out / "results.json").read_text())
     assert res["progress"]["complete"] and "Incomplete" not in (out / "report.md").read_text()
@@ -85,11 +85,11 @@ def test_pipeline_units_run_seed_major(tmp_path, tiny_model_dir, tiny_pruned_dir
     cfg.write_text(text + "include_dense: false\ninclude_unrecovered: false\n")
     order = []
 
-    def record(cfg_, root, pruned_dir, prune_key, method, budget, seed, *a):
-        order.append((method.label, budget, seed))
+    def record(self, unit):
+        order.append((unit.entry.label, unit.budget, unit.seed))
         raise RuntimeError("not run here")
 
-    monkeypatch.setattr(pl, "_run_unit", record)
+    monkeypatch.setattr(pl.Experiment, "_run_unit", record)
     pl.run_pipeline(cfg)
     # full data ignores the budget and has nothing to sample: one unit, after the seeded ones
     assert order == [("random", "6", 0), ("random", "8", 0), ("random", "6", 1), ("random", "8", 1), ("full", "6", 0)]
@@ -114,7 +114,7 @@ def test_pipeline_config_errors_name_the_key(tmp_path, capsys):
 def test_every_seed_selects_from_the_same_pool(tmp_path, tiny_model_dir, tiny_pruned_dir, monkeypatch):
     """pool_limit takes one seeded subset for all seeds (the first seed's), so seeds compare
     methods on one pool; seed 0's options are unchanged, so its cached stages stay valid."""
-    from paser import api
+    from paser import stages
     from paser.select.run import load_selection_pool
 
     cfg = _config(tmp_path / "exp.yaml", tiny_model_dir, tiny_pruned_dir, tmp_path / "run", ["random"])
@@ -125,7 +125,7 @@ def test_every_seed_selects_from_the_same_pool(tmp_path, tiny_model_dir, tiny_pr
         seen.append(args)
         raise RuntimeError("not run here")
 
-    monkeypatch.setattr(api, "select", fake_select)
+    monkeypatch.setattr(stages, "select", fake_select)
     import paser.pipeline as pl
 
     pl.run_pipeline(cfg)
