@@ -270,13 +270,22 @@ class Experiment:
                          selected_ids=_record_ids(Path(sel_dir) / "selected.jsonl") if sel_dir else None)
         self.archive.save_scores(self.cache_root, self.pruned_fingerprint)
 
-    # --------------------------------------------------------------- the stages
+    # --------------------------------------------------------------- the stages (their directories are their keys)
+
+    def prune_stage(self) -> Stage:
+        return Stage(self.root, "pruned", self.cfg.prune.args.method, prune_key(self.cfg))
+
+    def select_stage(self, p: PlannedRow) -> Stage:
+        return Stage(self.root, "select", p.label, p.select)
+
+    def recover_stage(self, p: PlannedRow, selection: Stage) -> Stage:
+        return Stage(self.root, "recover", p.label, {"selection": selection.hash, **p.recover, "pruned": prune_key(self.cfg)})
 
     def _prune(self) -> str:
         """The pruned model's directory: the given one, or the prune stage's (run once)."""
         if self.cfg.pruned:
             return self.cfg.pruned
-        st = Stage(self.root, "pruned", self.cfg.prune.args.method, prune_key(self.cfg))
+        st = self.prune_stage()
         if not st.done:
             with self._timed("prune"):
                 stages.prune(dataclasses.replace(self.cfg.prune.args, out=str(st.dir)))
@@ -319,7 +328,7 @@ class Experiment:
         }
 
     def _select(self, p: PlannedRow) -> Stage:
-        st = Stage(self.root, "select", p.label, p.select)
+        st = self.select_stage(p)
         if not st.done:
             with self._timed("select"):
                 rep = stages.select(SelectArgs(**{**p.select, "pruned": self.pruned_dir}, out=str(st.dir))).report
@@ -329,7 +338,7 @@ class Experiment:
         return st
 
     def _recover(self, p: PlannedRow, sel: Stage) -> Stage:
-        st = Stage(self.root, "recover", p.label, {"selection": sel.hash, **p.recover, "pruned": prune_key(self.cfg)})
+        st = self.recover_stage(p, sel)
         if not st.done:
             args = RecoverArgs(model=self.pruned_dir, data=str(sel.dir / "selected.jsonl"), out=str(st.dir), **p.recover)
             with self._timed("recover"):
