@@ -160,6 +160,8 @@ class Experiment:
         self.costs: dict[str, float] = {}
         self.failures: list[dict] = []
         self.archive_info: dict[str, Any] = {}
+        self._t0 = 0.0  # when run() started
+        self._env: dict = {}
 
     @classmethod
     def from_config(cls, path: str | Path, out: str | None = None) -> "Experiment":
@@ -169,17 +171,12 @@ class Experiment:
         return plan_rows(self.cfg)
 
     def run(self) -> ResultText:
-        self.root.mkdir(parents=True, exist_ok=True)
-        self._t0 = time.time()
-        self.pruned_dir = self._prune()
-        log.info("pruned model: %s", self.pruned_dir)
-        self._open_archive()
-        self._env = environment()  # versions and git revision: the same for every rewrite of the report
+        """Runs what the plan asks for that neither the stage cache nor the archive holds;
+        the report's table and where the files are."""
+        self._start()
         plan = self.plan()
         units = [p for p in plan if p.seed is not None]
-        for p in plan:
-            if p.seed is None:
-                self.rows.append(self._archived(p, lambda p=p: self._baseline_row(p)))
+        self.rows += [self._archived(p, lambda p=p: self._baseline_row(p)) for p in plan if p.seed is None]
         for k, p in enumerate(units):
             log.info("unit %d/%d: %s", k + 1, len(units), p.label)
             self.rows.append(self._unit(p))
@@ -190,6 +187,15 @@ class Experiment:
         if self.failures:
             msg += f"\n{len(self.failures)} stage(s) failed; see the report"
         return ResultText(msg, failed=len(self.failures))  # the CLI exits non-zero when any stage failed
+
+    def _start(self) -> None:
+        """The pruned model (pruned now if need be), the archive opened, the environment read."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._t0 = time.time()
+        self.pruned_dir = self._prune()
+        log.info("pruned model: %s", self.pruned_dir)
+        self._open_archive()
+        self._env = environment()  # versions and git revision: the same for every rewrite of the report
 
     # --------------------------------------------------------------- bookkeeping
 
