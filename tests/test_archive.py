@@ -41,12 +41,12 @@ def test_a_fresh_machine_reuses_the_archive(tmp_path, tiny_model_dir, tiny_prune
     # and a second seed. The archived rows must not be recomputed; the second seeds run, and
     # ifd and paser read every per-sample score from the restored stores instead of running
     # the models.
-    real_unit, real_loss, real_jsd = pl._run_unit, engine.score_loss, engine.score_degradation
+    real_unit, real_loss, real_jsd = pl.Experiment._run_unit, engine.score_loss, engine.score_degradation
     ran, scored = [], []
 
-    def unit(cfg_, root, pdir, pkey, method, budget, seed, *a):
-        ran.append((method.label, seed))
-        return real_unit(cfg_, root, pdir, pkey, method, budget, seed, *a)
+    def unit(self, p):
+        ran.append((p.entry.label, p.seed))
+        return real_unit(self, p)
 
     def loss(*a, **k):
         out = real_loss(*a, **k)
@@ -58,7 +58,7 @@ def test_a_fresh_machine_reuses_the_archive(tmp_path, tiny_model_dir, tiny_prune
         scored.append(out.stats.samples_scored)
         return out
 
-    monkeypatch.setattr(pl, "_run_unit", unit)
+    monkeypatch.setattr(pl.Experiment, "_run_unit", unit)
     monkeypatch.setattr(engine, "score_loss", loss)
     monkeypatch.setattr(engine, "score_degradation", jsd)
     cfg2 = _config(tmp_path / "b.yaml", tiny_model_dir, pruned, tmp_path / "machine2", archive, ["random", "ifd", "paser"])

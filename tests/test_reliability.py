@@ -190,7 +190,7 @@ def test_pipeline_exits_non_zero_when_a_stage_failed(tmp_path, capsys, monkeypat
     def broken(*a, **kw):
         raise RuntimeError("unit exploded")
 
-    monkeypatch.setattr(pl, "_run_unit", broken)
+    monkeypatch.setattr(pl.Experiment, "_run_unit", broken)
     cfg = write_pipeline_config(tmp_path / "e.yaml", tiny_model_dir, tiny_pruned_dir, tmp_path / "run", ["random"],
                                 extra="include_dense: false\ninclude_unrecovered: false\n")
     rc, out, err = run_cli(capsys, "pipeline", "--config", cfg)

@@ -126,12 +126,10 @@ def _set_threads(n: int | None) -> None:
 
 
 def _run(ns: argparse.Namespace):
-    from paser import api
+    from paser import api  # here, not at the top: `paser --help` and argument errors need none of the stages
 
     if ns.command == "pipeline":
-        from paser.pipeline import run_pipeline
-
-        return run_pipeline(ns.config, out=ns.out)
+        return api.pipeline(ns.config, out=ns.out)
     args = _args_for(COMMANDS[ns.command][0], ns)
     check_outputs(ns.command, args)  # before any model loads: never after an hour of work
     return getattr(api, ns.command)(args)
