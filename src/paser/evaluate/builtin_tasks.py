@@ -17,7 +17,7 @@ def _ppl_protocol(task: str, o: EvalOptions) -> dict:
 
 
 def _ppl_run(em, task: str, o: EvalOptions) -> dict:
-    from paser.evaluate.perplexity import corpus_perplexity
+    from paser.score.perplexity import corpus_perplexity
 
     r = corpus_perplexity(em.model, em.tokenizer, task, window=o.ppl_window, max_tokens=o.ppl_max_tokens,
                           batch_size=max(1, o.batch_size // 2), show_progress=o.show_progress)

@@ -26,6 +26,18 @@ from paser.evaluate.runner import HELDOUT_JSD_TASK, HELDOUT_TASK, PPL_TASKS
 from paser.evaluate.zeroshot import choice_metrics, mean_and_stderr
 
 
+# The commonsense tasks' column labels in the report's tables, in the paper's order.
+TASK_LABELS = {
+    "boolq": "BoolQ",
+    "piqa": "PIQA",
+    "hellaswag": "HellaS.",
+    "winogrande": "WinoG.",
+    "arc_easy": "ARC-e",
+    "arc_challenge": "ARC-c",
+    "openbookqa": "OBQA",
+}
+
+
 def task_results(results: dict | None) -> dict[str, dict]:
     """{task: result} of one evaluation results dict (empty for a failed or missing one)."""
     return (results or {}).get("results") or {}

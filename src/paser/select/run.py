@@ -227,7 +227,7 @@ def run_selection(args: SelectArgs) -> SelectionResult:
     write_parquet_atomic(out / "scores.parquet", {k: (v if not isinstance(v, np.ndarray) else v) for k, v in table.items()})
 
     if args.plots and clusters is not None:
-        from paser.report.plots import plot_budget_per_cluster, plot_cluster_map
+        from paser.select.plots import plot_budget_per_cluster, plot_cluster_map
 
         t = time.time()
         cds = np.asarray(report["clusters"].get("cds") or np.zeros(clusters.k))
