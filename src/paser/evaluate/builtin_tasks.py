@@ -1,5 +1,9 @@
 """paser's own evaluation tasks as registry entries: perplexity on WikiText-2 and PTB, held-out
-response loss, held-out JSD to the original model, and the 7 commonsense tasks."""
+response loss, held-out JSD to the original model, and the 7 commonsense tasks.
+
+Each task's code is imported when the task runs, not here: registering the tasks (which any
+task-name check does) then costs no torch import and no scorer.
+"""
 
 from __future__ import annotations
 

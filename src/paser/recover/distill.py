@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from paser.io.cache import atomic_write_bytes, atomic_write_json, stable_hash
+from paser.io.cache import atomic_write_bytes, atomic_write_json, hash_file_into, stable_hash
 
 log = logging.getLogger(__name__)
 
@@ -148,9 +148,7 @@ def kd_objective(
 
 def _sha256_file(path: Path) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            h.update(chunk)
+    hash_file_into(h, path)
     return h.hexdigest()
 
 

@@ -22,6 +22,7 @@ from typing import Hashable
 
 import numpy as np
 
+from paser.data import COMMONSENSE_TASKS
 from paser.evaluate.runner import HELDOUT_JSD_TASK, HELDOUT_TASK, PPL_TASKS
 from paser.evaluate.zeroshot import choice_metrics, mean_and_stderr
 
@@ -123,8 +124,6 @@ def paired_table(rows: list[dict], reference: str) -> tuple[list[str], list[list
     """Each method and budget minus `reference` (a method name at the same budget, or a
     budget-less row such as "pruned, no recovery"), unit by unit: mean difference ± paired SE.
     Negative is better for NLL and loss; positive is better for the gold-choice log-probability."""
-    from paser.data import COMMONSENSE_TASKS
-
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
         if row.get("results"):
