@@ -357,3 +357,15 @@ def test_document_renders_the_same_blocks_to_markdown_and_html(tmp_path):
     assert '<td class="examples"><p class="ex">1. q <span class="resp">→ r</span></p></td>' in page and '<td class="examples">-</td>' in page
     assert "<pre>s: &lt;err&gt; **x**</pre>" in page  # a literal list: no markup read into an error message
     assert '<figure class="wide"><img src="data:image/png;base64,' in page and "<title>T</title>" in page and "td { }" in page
+
+
+def test_report_files_are_the_one_document_rendered_twice(tmp_path):
+    from paser.report.document import to_html, to_markdown
+    from paser.report.experiment import experiment_document
+
+    out = tmp_path / "rep"
+    out.mkdir()
+    summary = _answering_summary(tmp_path)
+    write_experiment_report(summary, out)
+    doc = experiment_document(summary, out)
+    assert to_markdown(doc) == (out / "report.md").read_text() and to_html(doc) == (out / "report.html").read_text()
