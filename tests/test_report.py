@@ -326,3 +326,46 @@ def test_lm_eval_tasks_get_their_own_table(tmp_path):
     write_experiment_report({"rows": rows, "config": {"evaluate": {}}, "pruned_model": "p", "selections": {}}, tmp_path)
     md = (tmp_path / "report.md").read_text()
     assert "## lm-evaluation-harness tasks" in md and "| paser | 0.1 | 1 | **45.0 ± 2.0** |" in md
+
+
+def test_document_renders_the_same_blocks_to_markdown_and_html(tmp_path):
+    """One document, two renderers: marks, inline bold/code, literal lists, example cells."""
+    from paser.report.document import (
+        BulletList, CodeBlock, Document, Examples, Figures, Heading, Image, Paragraph, Section, Table, to_html, to_markdown,
+    )
+
+    png = tmp_path / "p.png"
+    png.write_bytes(b"\x89PNG fake")
+    doc = Document("T", style="td { }\n").add(
+        Section([Heading("Verdict"), BulletList(["**a** wins"])], css_class="verdict"),
+        Paragraph("model `m` <ok>"),
+        Table(["Method", "x"], [["a", "1.0 ± 0.1"], ["b|c", "2.0"]], best={(0, 1)}),
+        Table(["k", "Examples"], [["0", Examples([("q", "r")])], ["1", Examples([])]], css_class="clusters", column_classes=["num"]),
+        Heading("Failed stages", tight=True), BulletList(["s: <err> **x**"], literal=True),
+        Heading("Plots", tight=True), Figures([Image(png, "a plot", "p.png", wide=True)]),
+        CodeBlock("{}", "json"),
+    )
+    md = to_markdown(doc)
+    assert md == ("# T\n\n## Verdict\n\n- **a** wins\n\nmodel `m` <ok>\n\n| Method | x |\n|---|---|\n| a | **1.0 ± 0.1** |\n| b\\|c | 2.0 |\n\n"
+                  "| k | Examples |\n|---|---|\n| 0 | 1. q → r |\n| 1 | - |\n\n## Failed stages\n- s: <err> **x**\n\n"
+                  "## Plots\n![a plot](p.png)\n\n```json\n{}\n```\n")
+    page = to_html(doc)
+    assert '<section class="verdict"><h2>Verdict</h2><ul><li><strong>a</strong> wins</li></ul></section>' in page
+    assert "<p>model <code>m</code> &lt;ok&gt;</p>" in page
+    assert '<td class="best">1.0\u2009±\u20090.1</td>' in page and "<td>b|c</td>" in page
+    assert '<table class="clusters">' in page and '<td class="num">0</td>' in page
+    assert '<td class="examples"><p class="ex">1. q <span class="resp">→ r</span></p></td>' in page and '<td class="examples">-</td>' in page
+    assert "<pre>s: &lt;err&gt; **x**</pre>" in page  # a literal list: no markup read into an error message
+    assert '<figure class="wide"><img src="data:image/png;base64,' in page and "<title>T</title>" in page and "td { }" in page
+
+
+def test_report_files_are_the_one_document_rendered_twice(tmp_path):
+    from paser.report.document import to_html, to_markdown
+    from paser.report.experiment import experiment_document
+
+    out = tmp_path / "rep"
+    out.mkdir()
+    summary = _answering_summary(tmp_path)
+    write_experiment_report(summary, out)
+    doc = experiment_document(summary, out)
+    assert to_markdown(doc) == (out / "report.md").read_text() and to_html(doc) == (out / "report.html").read_text()

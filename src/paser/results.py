@@ -64,7 +64,7 @@ class EvaluationResult(_Printable):
     out: Path | None = None
 
     def summary(self) -> str:
-        from paser.evaluate.runner import format_results
+        from paser.evaluate.runner import format_results  # here: the runner imports torch
 
         return format_results(self.results) + (f"\nresults written to {self.out}" if self.out else "")
 

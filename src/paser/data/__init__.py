@@ -11,6 +11,10 @@ import json
 from functools import lru_cache
 from pathlib import Path
 
+import numpy as np
+
+from paser.io.records import load_records
+
 DATA_DIR = Path(__file__).resolve().parent
 
 COMMONSENSE_TASKS = ("boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
@@ -34,8 +38,6 @@ def pool_path() -> Path:
 def pool_subset_indices(n: int, limit: int | None, seed: int):
     """The positions `--limit N` keeps of an n-record pool (seeded, in file order): the one rule
     `paser select` uses, and the one the dev split below avoids."""
-    import numpy as np
-
     if limit is None or limit >= n:
         return np.arange(n)
     return np.sort(np.random.default_rng(seed).choice(n, size=limit, replace=False))
@@ -55,10 +57,6 @@ def dev_records():
     are in none of BENCHMARK_POOLS; the 600 held-out records are never in the pool at all. So
     tuning on these touches neither the training pools of the benchmarks nor the test set.
     """
-    import numpy as np
-
-    from paser.io.records import load_records
-
     pool = load_records(str(pool_path()))[0]
     used: set[int] = set()
     for limit, seed in BENCHMARK_POOLS:

@@ -1,5 +1,9 @@
 """paser's own evaluation tasks as registry entries: perplexity on WikiText-2 and PTB, held-out
-response loss, held-out JSD to the original model, and the 7 commonsense tasks."""
+response loss, held-out JSD to the original model, and the 7 commonsense tasks.
+
+Each task's code is imported when the task runs, not here: registering the tasks (which any
+task-name check does) then costs no torch import and no scorer.
+"""
 
 from __future__ import annotations
 
@@ -17,7 +21,7 @@ def _ppl_protocol(task: str, o: EvalOptions) -> dict:
 
 
 def _ppl_run(em, task: str, o: EvalOptions) -> dict:
-    from paser.evaluate.perplexity import corpus_perplexity
+    from paser.score.perplexity import corpus_perplexity
 
     r = corpus_perplexity(em.model, em.tokenizer, task, window=o.ppl_window, max_tokens=o.ppl_max_tokens,
                           batch_size=max(1, o.batch_size // 2), show_progress=o.show_progress)

@@ -17,7 +17,15 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from paser.data import dev_records, heldout_path
+from paser.errors import ModelError, PaserError
 from paser.evaluate.zeroshot import mean_and_stderr, subset_indices
+from paser.io.adapter import pad_id as pad_of
+from paser.io.batching import right_pad
+from paser.io.records import load_records
+from paser.io.templates import encode_example
+from paser.score import engine  # engine.score_degradation looked up at call time (tests wrap it)
+from paser.score.engine import ModelView, ScoreItem
 
 PROTOCOL = "heldout-v1:encode_example:mean-over-records"
 
@@ -35,10 +43,6 @@ def response_nll_sums(
     prompt and padding positions measured 1.15x with identical losses
     (`benchmarks/heldout_eval.py`). A model without a separate head is scored by full forwards.
     """
-    from paser.errors import ModelError
-    from paser.io.batching import right_pad
-    from paser.score.engine import ModelView, ScoreItem
-
     device = next(model.parameters()).device
     sums = np.zeros(len(examples))
     counts = np.zeros(len(examples), dtype=np.int64)
@@ -106,17 +110,10 @@ def heldout_records(limit: int | None = None, seed: int = 0, split: str = "test"
     takes a seeded subset of that many per capability (the same records every run)."""
     if records is None:
         if split == "dev":
-            from paser.data import dev_records
-
             records = dev_records()
         elif split == "test":
-            from paser.data import heldout_path
-            from paser.io.records import load_records
-
             records = load_records(str(heldout_path()))[0]
         else:
-            from paser.errors import PaserError
-
             raise PaserError(f"unknown held-out split {split!r}; choose test or dev")
     by_cap: dict[str, list] = defaultdict(list)
     for r in records:
@@ -146,11 +143,8 @@ def heldout_loss(
     `records` defaults to the embedded held-out file (split "test") or the dev split ("dev");
     `limit` takes a seeded subset of that many records per capability.
     """
-    from paser.io.templates import encode_example
-
     chosen = heldout_records(limit, seed, split, records)
     enc = [encode_example(r, tokenizer, template=template, cutoff=cutoff) for _, r in chosen]
-    from paser.io.adapter import pad_id as pad_of
 
     pad_id = pad_of(tokenizer)
     sums, counts = response_nll_sums(
@@ -196,11 +190,9 @@ def heldout_jsd(
     model, reference: objects with .model, .tokenizer, .fingerprint, .name (LoadedModel,
     EvalModel).
     """
-    from paser.score.engine import score_degradation
-
     chosen = heldout_records(limit, seed, split)
     recs = [r for _, r in chosen]
-    scores = score_degradation(reference, model, recs, template=template, cutoff=cutoff, cache_dir=cache_dir, progress=show_progress)
+    scores = engine.score_degradation(reference, model, recs, template=template, cutoff=cutoff, cache_dir=cache_dir, progress=show_progress)
     caps = [c for c, _ in chosen]
     jsd = np.asarray(scores.jsd, dtype=np.float64)
     groups: dict[str, list[int]] = defaultdict(list)

@@ -21,7 +21,12 @@ from pathlib import Path
 
 import torch
 
+from paser.data import COMMONSENSE_TASKS
 from paser.errors import ModelError, PaserError
+from paser.evaluate import lm_eval_tasks
+from paser.evaluate.registry import EvalOptions, eval_tasks
+from paser.io.cache import atomic_write_json, default_cache_dir, stable_hash
+from paser.io.models import LoadedModel, hash_files, load_model
 from paser.io.provenance import git_revision, library_versions
 
 log = logging.getLogger(__name__)
@@ -33,8 +38,6 @@ HELDOUT_TASKS = (HELDOUT_TASK, HELDOUT_JSD_TASK)
 
 
 def _commonsense() -> tuple[str, ...]:
-    from paser.data import COMMONSENSE_TASKS
-
     return tuple(COMMONSENSE_TASKS)
 
 
@@ -47,8 +50,6 @@ SHORTHANDS: dict[str, tuple[str, ...]] = {
 }
 def _valid_tasks() -> tuple[str, ...]:
     """Every registered task (paser's own and any added with `register_task`)."""
-    from paser.evaluate.registry import eval_tasks
-
     return tuple(eval_tasks())
 
 
@@ -60,8 +61,6 @@ def resolve_tasks(tasks: list[str] | tuple[str, ...] | str) -> list[str]:
     """Expand shorthands ("all", "commonsense", "ppl") and comma lists; keep order, no repeats.
     "lm_eval:NAME" names any lm-evaluation-harness task (kept as typed: lm-eval's names are
     case-sensitive)."""
-    from paser.evaluate import lm_eval_tasks
-
     if isinstance(tasks, str):
         tasks = [tasks]
     out: list[str] = []
@@ -115,8 +114,6 @@ class EvalModel:
 def load_for_evaluation(spec, adapter: str | None = None, *, device=None, dtype=None, allow_pickle: bool = False) -> EvalModel:
     """Accept a LoadedModel, a merged model directory, an embedded name, or a PEFT adapter
     directory (its base comes from `base_model_name_or_path`), plus an optional `adapter`."""
-    from paser.io.models import LoadedModel, load_model
-
     if isinstance(spec, EvalModel):
         if adapter is None:
             return spec
@@ -147,8 +144,6 @@ def load_for_evaluation(spec, adapter: str | None = None, *, device=None, dtype=
         if not is_adapter_dir(a):
             raise ModelError(f"{adapter}: not a PEFT adapter directory (no adapter_config.json)")
         files = [f for f in a.iterdir() if f.name == "adapter_config.json" or f.suffix in (".safetensors", ".bin")]
-        from paser.io.models import hash_files
-
         adapter_fp = hash_files(files)
         try:
             model = PeftModel.from_pretrained(model, str(a))
@@ -170,9 +165,7 @@ def _default_batch_size(device: torch.device) -> int:
     return 32 if device.type == "cuda" else 8
 
 
-def _options(**kw) -> "EvalOptions":
-    from paser.evaluate.registry import EvalOptions
-
+def _options(**kw) -> EvalOptions:
     ref = kw.get("reference")
     kw["reference_name"] = None if ref is None else str(ref if isinstance(ref, (str, os.PathLike)) else ref.fingerprint)
     return EvalOptions(**kw)
@@ -180,9 +173,6 @@ def _options(**kw) -> "EvalOptions":
 
 def task_protocol(task: str, *, limit, seed, ppl_window, ppl_max_tokens, split: str = "test", reference=None, include_path=None) -> dict:
     """Everything besides the model that decides a task's numbers (the cache key's payload)."""
-    from paser.evaluate import lm_eval_tasks
-    from paser.evaluate.registry import eval_tasks
-
     if lm_eval_tasks.is_lm_eval(task):
         return lm_eval_tasks.protocol(task, limit=limit, seed=seed, include_path=include_path)
     o = _options(limit=limit, seed=seed, ppl_window=ppl_window, ppl_max_tokens=ppl_max_tokens, split=split, reference=reference)
@@ -192,9 +182,6 @@ def task_protocol(task: str, *, limit, seed, ppl_window, ppl_max_tokens, split: 
 def run_task(em: EvalModel, task: str, *, limit, seed, ppl_window, ppl_max_tokens, batch_size, show_progress=True,
              split: str = "test", reference=None, cache_dir=None, include_path=None) -> dict:
     """Compute one task's result dict (no caching of the result itself)."""
-    from paser.evaluate import lm_eval_tasks
-    from paser.evaluate.registry import eval_tasks
-
     if lm_eval_tasks.is_lm_eval(task):
         return lm_eval_tasks.run(em.model, em.tokenizer, task, limit=limit, seed=seed, batch_size=batch_size,
                                  include_path=include_path)
@@ -206,8 +193,6 @@ def run_task(em: EvalModel, task: str, *, limit, seed, ppl_window, ppl_max_token
 def summarise(results: dict[str, dict]) -> dict:
     """Headline numbers: mean acc / acc_norm over the commonsense tasks present, perplexities,
     held-out loss. Mean over tasks counts every task once, as the paper's 7-task average does."""
-    from paser.data import COMMONSENSE_TASKS
-
     cs = [t for t in COMMONSENSE_TASKS if t in results]
     out: dict = {}
     if cs:
@@ -258,8 +243,6 @@ def evaluate_model(
     `include_path`: a directory of the user's lm-eval task YAMLs, for "lm_eval:NAME" tasks.
     Returns the dict written to `out_path` (atomically; None writes nothing).
     """
-    from paser.io.cache import atomic_write_json, default_cache_dir, stable_hash
-
     if limit is not None and limit <= 0:
         raise PaserError(f"limit must be a positive number of items, got {limit}")
     if ppl_window < 2 or ppl_max_tokens < ppl_window:
@@ -328,10 +311,6 @@ def evaluate_model(
 def format_results(results: dict) -> str:
     """The results as a short plain-text table, one line per task."""
     lines = [f"model {results['model']['name']} (fingerprint {results['model']['fingerprint']}), limit {results['limit']}, seed {results['seed']}"]
-    from paser.evaluate import lm_eval_tasks
-
-    from paser.evaluate.registry import eval_tasks
-
     for task, r in results["results"].items():
         entry = eval_tasks().get(task)
         if lm_eval_tasks.is_lm_eval(task):

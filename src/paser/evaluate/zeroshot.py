@@ -55,9 +55,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from paser.io.batching import right_pad
-from paser.io import adapter
+from paser.data import COMMONSENSE_TASKS, load_commonsense
 from paser.errors import PaserError
+from paser.io import adapter
+from paser.io.batching import right_pad
 
 log = logging.getLogger(__name__)
 
@@ -158,8 +159,6 @@ def subset_indices(n_total: int, limit: int | None, seed: int) -> list[int]:
 
 def load_items(task: str, limit: int | None = None, seed: int = 0) -> tuple[list[MultipleChoiceItem], int]:
     """The task's items (a seeded subset when `limit` is set) and the size of the full set."""
-    from paser.data import COMMONSENSE_TASKS, load_commonsense
-
     if task not in COMMONSENSE_TASKS:
         raise PaserError(f"unknown commonsense task {task!r}; known: {', '.join(COMMONSENSE_TASKS)}")
     docs = load_commonsense(task)

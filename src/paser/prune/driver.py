@@ -291,7 +291,7 @@ def _layer_range(n_layers: int, layers: tuple[int, int] | None, method: str) -> 
 
 
 def _perplexity(model, tokenizer, tokens: int, window: int, show_progress: bool) -> dict:
-    from paser.evaluate.perplexity import corpus_perplexity
+    from paser.score.perplexity import corpus_perplexity
 
     return _strict_perplexity(corpus_perplexity(model, tokenizer, "wikitext2", window=window, max_tokens=tokens, show_progress=show_progress).to_dict())
 

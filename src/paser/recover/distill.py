@@ -35,7 +35,7 @@ import torch
 
 from paser.errors import PaserError
 from paser.io.batching import right_pad
-from paser.io.cache import atomic_write_bytes, atomic_write_json, stable_hash
+from paser.io.cache import atomic_write_bytes, atomic_write_json, hash_file_into, stable_hash
 from paser.recover.data import pad_batch
 from paser.recover.objectives import ObjectiveContext, TrainerPiece, register_objective
 
@@ -146,9 +146,7 @@ def distill_loss(kl_sum: torch.Tensor, ce: torch.Tensor | None, n_tokens: torch.
 
 def _sha256_file(path: Path) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            h.update(chunk)
+    hash_file_into(h, path)
     return h.hexdigest()
 
 

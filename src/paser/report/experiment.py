@@ -3,8 +3,6 @@ as Markdown and as a self-contained HTML page (plots embedded as base64 PNGs).""
 
 from __future__ import annotations
 
-import base64
-import html
 import json
 import math
 from pathlib import Path
@@ -12,18 +10,18 @@ from pathlib import Path
 import numpy as np
 
 from paser.io.cache import atomic_write_text
+from paser.io.figures import pyplot, save_png
+from paser.report.clusters import cluster_rows, cluster_table, first_cluster_selection
+from paser.report.document import (
+    BulletList, CodeBlock, Document, Examples, Figures, Heading, Image, Paragraph, Section, Table, html_table,
+    markdown_table, to_html, to_markdown,
+)
+from paser.report.paired import TASK_LABELS, paired_table, task_results
+from paser.report.verdict import best_cells, verdicts
 from paser.results import unit_label
-from paser.report.paired import paired_table, task_results
 
-TASK_LABELS = {
-    "boolq": "BoolQ",
-    "piqa": "PIQA",
-    "hellaswag": "HellaS.",
-    "winogrande": "WinoG.",
-    "arc_easy": "ARC-e",
-    "arc_challenge": "ARC-c",
-    "openbookqa": "OBQA",
-}
+__all__ = ["build_table", "choice_logprob_columns", "composition_table", "cost_table", "headline_table", "html_table",
+           "experiment_document", "markdown_table", "write_experiment_report", "TASK_LABELS"]
 
 
 def _metric(results: dict | None, task: str, key: str) -> tuple[float, float] | None:
@@ -158,24 +156,8 @@ def _fmt(v: tuple[float, float, int], scale: float, task: str = "") -> str:
     return s + (f" ± {err * scale:.{digits}f}" if not math.isnan(err) else "")
 
 
-def markdown_table(header: list[str], body: list[list[str]], best: set[tuple[int, int]] | None = None) -> str:
-    """A Markdown table; cells in `best` ((row, column) pairs) in bold."""
-    def cell(i: int, j: int, c: str) -> str:
-        c = c.replace("|", "\\|")
-        return f"**{c}**" if best and (i, j) in best else c
-
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(cell(i, j, c) for j, c in enumerate(r)) + " |" for i, r in enumerate(body)]
-    return "\n".join(lines)
-
-
 def _plot_vs_budget(rows: list[dict], path: Path) -> bool:
     """Mean accuracy and WikiText-2 perplexity against budget, one line per method."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     by: dict[str, dict[float, list[dict]]] = {}
     for r in rows:
         if r.get("budget") is None or not r.get("results"):
@@ -187,7 +169,7 @@ def _plot_vs_budget(rows: list[dict], path: Path) -> bool:
         by.setdefault(r["method"], {}).setdefault(b, []).append(r["results"])
     if not any(len(pts) >= 2 for pts in by.values()):  # one budget is a dot per method: no line to read
         return False
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = pyplot().subplots(1, 2, figsize=(11, 4))
     refs = {r["method"]: r["results"] for r in rows if r.get("budget") is None and r.get("results")}
     for method, pts in sorted(by.items()):
         bs = sorted(pts)
@@ -211,34 +193,16 @@ def _plot_vs_budget(rows: list[dict], path: Path) -> bool:
     for ax in axes:
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
-    _save_figure(fig, path)
+    save_png(fig, path, dpi=110, tight_layout=True)
     return True
-
-
-def _save_figure(fig, path: Path) -> None:
-    """PNG written atomically (a report reader never sees half an image), figure closed."""
-    import io
-
-    import matplotlib.pyplot as plt
-
-    from paser.io.cache import atomic_write_bytes
-
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
 
 
 def _plot_by_method(rows: list[dict], path: Path) -> bool:
     """One point per method and budget (and the reference rows) for the primary metrics: WikiText-2
     perplexity, held-out loss over all capabilities, mean gold-choice log-probability. Points are
     means over seeds, whiskers the std over seeds (none for a single seed)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import matplotlib.ticker
+    plt = pyplot()
+    import matplotlib.ticker  # with pyplot: on first use only
 
     groups: dict[str, list[dict]] = {}
     for r in rows:
@@ -292,7 +256,7 @@ def _plot_by_method(rows: list[dict], path: Path) -> bool:
             if np.isfinite(m):
                 ax.annotate(f"{m:.3g}", (m, yi), xytext=(6, 5), textcoords="offset points", va="bottom", fontsize=7)
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(6))
-    _save_figure(fig, path)
+    save_png(fig, path, dpi=110, tight_layout=True)
     return True
 
 
@@ -351,13 +315,34 @@ def composition_table(summary: dict) -> tuple[list[str], list[list[str]]] | None
     return header, body
 
 
-def write_experiment_report(summary: dict, root: Path) -> tuple[str, Path]:
-    """Writes report.md and report.html under root; returns (the tables to print, html path)."""
+_STYLE = """body { font-family: system-ui, sans-serif; margin: 1.5rem; color: #222; max-width: 1800px; }
+.scroll { overflow-x: auto; }
+table { border-collapse: collapse; font-size: 0.8rem; }
+th, td { border: 1px solid #ccc; padding: 3px 6px; text-align: right; }
+td { white-space: nowrap; } /* a value and its ± stay on one line */
+th { background: #f0f3f8; } td:first-child, th:first-child { text-align: left; }
+td.best { font-weight: bold; background: #e6f4ea; }
+table.clusters td, table.clusters th { text-align: left; vertical-align: top; }
+table.clusters td.num { text-align: right; }
+table.clusters td.text { white-space: normal; min-width: 14rem; max-width: 22rem; }
+table.clusters td.examples { white-space: normal; min-width: 28rem; max-width: 46rem; font-size: 0.8rem; }
+.ex { margin: 0 0 4px 0; } .ex .resp { color: #555; }
+.verdict { background: #f7f9fc; border-left: 4px solid #4c78a8; padding: 0.2rem 1rem; margin-bottom: 1rem; }
+.verdict h2 { margin: 0.5rem 0; font-size: 1.2rem; } .verdict li { margin: 0.3rem 0; }
+figure { display: inline-block; margin: 1rem; vertical-align: top; } img { max-width: 640px; border: 1px solid #ddd; }
+figure.wide { display: block; } figure.wide img { max-width: 100%; }
+pre { background: #f7f7f7; padding: 1rem; overflow-x: auto; font-size: 0.8rem; }
+"""
+
+_BEST_NOTE = ("Bold: the best value of each column among the selection methods at the same budget "
+              "(not the dense, unrecovered or full-data references).")
+
+
+def _secondary_tables(summary: dict) -> list[tuple[str, str, tuple[list[str], list[list[str]]]]]:
+    """(title, note, table) of the tables after the main one: log-probability of the gold choice
+    (separates small models better than accuracy), further tasks, paired differences against
+    random and against the unrecovered model, and the selected data by capability."""
     rows = summary["rows"]
-    header, body = build_table(rows)
-    table = markdown_table(header, body)
-    # Secondary tables: log-probability of the gold choice (separates small models better than
-    # accuracy), and paired differences against random and against the unrecovered model.
     extra: list[tuple[str, str, tuple[list[str], list[list[str]]]]] = []
     lp_cols = choice_logprob_columns(rows)
     if lp_cols:
@@ -384,25 +369,34 @@ def write_experiment_report(summary: dict, root: Path) -> tuple[str, Path]:
         extra.append(("Selected data by capability",
                       "Records each unit selected, by the pool's `capability` field (full data: the whole pool), "
                       "and the response tokens its recovery trained on (all epochs).", comp))
-    plots: list[tuple[str, Path]] = []
+    return extra
+
+
+def _plots(summary: dict, root: Path) -> list[Image]:
+    """The report's own plots (drawn into root) and the first PASER selection's (drawn by select)."""
+    rows = summary["rows"]
+
+    def image(title: str, p: Path, wide: bool = False) -> Image:
+        return Image(p, title, str(p.relative_to(root) if p.is_relative_to(root) else p), wide)
+
+    plots = []
     if _plot_by_method(rows, root / "metrics_by_method.png"):
-        plots.append(("Primary metrics by method (mean over seeds, whiskers: std over seeds)", root / "metrics_by_method.png"))
+        # wider than it is tall: the page's width in HTML, where the others get 640 px
+        plots.append(image("Primary metrics by method (mean over seeds, whiskers: std over seeds)", root / "metrics_by_method.png", wide=True))
     if _plot_vs_budget(rows, root / "metrics_vs_budget.png"):
-        plots.append(("Accuracy and perplexity against budget", root / "metrics_vs_budget.png"))
+        plots.append(image("Accuracy and perplexity against budget", root / "metrics_vs_budget.png"))
     for label, sel in summary.get("selections", {}).items():
         if label.startswith("paser"):
             d = Path(sel["dir"])
             for name, title in (("cluster_map.png", "Cluster map (PASER, coloured by CDS)"), ("budget_per_cluster.png", "Budget per cluster (PASER)")):
                 if (d / name).exists():
-                    plots.append((f"{title}: {label}", d / name))
+                    plots.append(image(f"{title}: {label}", d / name))
             break
+    return plots
 
-    cost_h, cost_b = cost_table(summary)
-    costs = summary.get("costs_s", {})
-    cost_note = "Per unit, as each stage recorded it when it ran (cached stages keep their original cost)." + (
-        " This invocation's wall time: " + ", ".join(f"{k} {v:,.0f} s" for k, v in costs.items()) + "." if costs else "")
-    env = summary.get("environment", {})
-    eval_cfg = summary["config"].get("evaluate", {})
+
+def _status(summary: dict) -> str:
+    """What a reader must know before the numbers: an incomplete run, rows read from the archive."""
     prog = summary.get("progress") or {}
     status = (
         f"Incomplete: {prog['units_done']} of {prog['units_total']} select/recover/evaluate units done; "
@@ -420,130 +414,70 @@ def write_experiment_report(summary: dict, root: Path) -> tuple[str, Path]:
             f" Of those, {', '.join(arch['fingerprint_differs'])} came from a pruned model whose weights differ "
             f"from this run's ({arch.get('pruned_fingerprint')}): the same pruning configuration, another machine's result."
         )
-    from paser.report.verdict import best_cells, verdicts
+    return status
 
+
+def experiment_document(summary: dict, root: Path) -> Document:
+    """The experiment report as a document (drawing its plots into root): verdict, main table,
+    secondary tables, clusters, costs, failures, plots, configuration and environment."""
+    return _report(summary, root)[0]
+
+
+def _report(summary: dict, root: Path) -> tuple[Document, str]:
+    """The document, and what the terminal shows: the verdict, the main table and the paired
+    comparison with random, the question a user asks first ("does this selection beat random
+    at this budget?")."""
+    rows = summary["rows"]
+    header, body = build_table(rows)
+    eval_cfg = summary["config"].get("evaluate", {})
+    doc = Document("paser experiment report", style=_STYLE)
     verdict = verdicts(summary)
-    best = best_cells(header, body)
-    extra_best = [best_cells(h, b) for _, _, (h, b) in extra]
-    best_note = ("Bold: the best value of each column among the selection methods at the same budget "
-                 "(not the dense, unrecovered or full-data references).")
-    clusters = _cluster_section(summary)
-    md = [
-        "# paser experiment report",
-        "",
-        *(["## Verdict", "", *[f"- {v}" for v in verdict], ""] if verdict else []),
-        f"Pruned model: `{summary['pruned_model']}`. Evaluation: {json.dumps(eval_cfg)} "
-        "(accuracies in %, ± standard error for one seed, ± std over seeds for several; perplexity: windows of "
-        f"{eval_cfg.get('ppl_window', 512)} tokens over the first {eval_cfg.get('ppl_tokens', 16384)} tokens). {best_note}",
-        "",
-        *([f"**{status}**", ""] if status else []),
-        markdown_table(header, body, best),
-        "",
-    ]
-    for (title, note, (h, b)), bst in zip(extra, extra_best):
-        md += [f"## {title}", "", note, "", markdown_table(h, b, bst), ""]
-    if clusters:
-        md += ["## Clusters of " + clusters["label"], "", clusters["note"], "", _cluster_markdown(clusters), ""]
-    md += [
-        "## Costs",
-        "",
-        cost_note,
-        "",
-        markdown_table(cost_h, cost_b),
-        "",
-    ]
-    if summary.get("failures"):
-        md += ["## Failed stages", *[f"- {f['stage']}: {f['error']}" for f in summary["failures"]], ""]
-    if plots:
-        md += ["## Plots", *[f"![{t}]({p.relative_to(root) if p.is_relative_to(root) else p})" for t, p in plots], ""]
-    md += ["## Configuration", "```json", json.dumps(summary["config"], indent=2), "```", "", "## Environment", "```json", json.dumps(env, indent=2), "```"]
-    atomic_write_text(root / "report.md", "\n".join(md) + "\n")
-
-    def img(p: Path) -> str:
-        return "data:image/png;base64," + base64.b64encode(p.read_bytes()).decode()
-
-    extra_html = "".join(f"<h2>{html.escape(t)}</h2><p>{html.escape(n)}</p>{html_table(h, b, bst)}"
-                         for (t, n, (h, b)), bst in zip(extra, extra_best))
-    # A figure wider than it is tall (the by-method panels) gets the page's width, the others 640 px.
-    figs = "".join(
-        f'<figure class="{"wide" if p.name == "metrics_by_method.png" else ""}"><img src="{img(p)}" alt="{html.escape(t)}">'
-        f"<figcaption>{html.escape(t)}</figcaption></figure>"
-        for t, p in plots
-    )
-    verdict_html = ("<section class=\"verdict\"><h2>Verdict</h2><ul>" + "".join(f"<li>{_md_bold_to_html(v)}</li>" for v in verdict)
-                    + "</ul></section>") if verdict else ""
-    clusters_html = (f"<h2>Clusters of {html.escape(clusters['label'])}</h2><p>{html.escape(clusters['note'])}</p>"
-                     + _cluster_html(clusters)) if clusters else ""
-    page = f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>paser experiment report</title>
-<style>
-body {{ font-family: system-ui, sans-serif; margin: 1.5rem; color: #222; max-width: 1800px; }}
-.scroll {{ overflow-x: auto; }}
-table {{ border-collapse: collapse; font-size: 0.8rem; }}
-th, td {{ border: 1px solid #ccc; padding: 3px 6px; text-align: right; }}
-td {{ white-space: nowrap; }} /* a value and its ± stay on one line */
-th {{ background: #f0f3f8; }} td:first-child, th:first-child {{ text-align: left; }}
-td.best {{ font-weight: bold; background: #e6f4ea; }}
-table.clusters td, table.clusters th {{ text-align: left; vertical-align: top; }}
-table.clusters td.num {{ text-align: right; }}
-table.clusters td.text {{ white-space: normal; min-width: 14rem; max-width: 22rem; }}
-table.clusters td.examples {{ white-space: normal; min-width: 28rem; max-width: 46rem; font-size: 0.8rem; }}
-.ex {{ margin: 0 0 4px 0; }} .ex .resp {{ color: #555; }}
-.verdict {{ background: #f7f9fc; border-left: 4px solid #4c78a8; padding: 0.2rem 1rem; margin-bottom: 1rem; }}
-.verdict h2 {{ margin: 0.5rem 0; font-size: 1.2rem; }} .verdict li {{ margin: 0.3rem 0; }}
-figure {{ display: inline-block; margin: 1rem; vertical-align: top; }} img {{ max-width: 640px; border: 1px solid #ddd; }}
-figure.wide {{ display: block; }} figure.wide img {{ max-width: 100%; }}
-pre {{ background: #f7f7f7; padding: 1rem; overflow-x: auto; font-size: 0.8rem; }}
-</style></head><body>
-<h1>paser experiment report</h1>
-{verdict_html}
-<p>Pruned model: <code>{html.escape(summary['pruned_model'])}</code>. Evaluation: <code>{html.escape(json.dumps(eval_cfg))}</code>.
-Accuracies in %, ± standard error (one seed) or ± std over seeds. {html.escape(best_note)}</p>
-{f"<p><strong>{html.escape(status)}</strong></p>" if status else ""}
-{html_table(header, body, best)}
-{extra_html}
-{clusters_html}
-<h2>Costs</h2><p>{html.escape(cost_note)}</p>{html_table(cost_h, cost_b)}
-{"<h2>Failed stages</h2><pre>" + html.escape(chr(10).join(f['stage'] + ': ' + f['error'] for f in summary['failures'])) + "</pre>" if summary.get('failures') else ""}
-{"<h2>Plots</h2>" + figs if plots else ""}
-<h2>Configuration</h2><pre>{html.escape(json.dumps(summary['config'], indent=2))}</pre>
-<h2>Environment</h2><pre>{html.escape(json.dumps(env, indent=2))}</pre>
-</body></html>
-"""
-    atomic_write_text(root / "report.html", page)
-    # What the terminal shows: the verdict, the main table and the paired comparison with
-    # random, the question a user asks first ("does this selection beat random at this budget?").
-    shown = ("\n".join(f"Verdict: {v.replace('**', '')}" for v in verdict) + "\n\n" if verdict else "") + table
+    extra = _secondary_tables(summary)
+    shown = ("\n".join(f"Verdict: {v.replace('**', '')}" for v in verdict) + "\n\n" if verdict else "") + markdown_table(header, body)
     for title, _, (h, b) in extra:
         if title.startswith("Paired differences against random"):
             shown += f"\n\n{title} (negative is better for NLL and loss):\n" + markdown_table(h, b)
+    if verdict:
+        doc.add(Section([Heading("Verdict"), BulletList(verdict)], css_class="verdict"))
+    doc.add(Paragraph(
+        f"Pruned model: `{summary['pruned_model']}`. Evaluation: {json.dumps(eval_cfg)} "
+        "(accuracies in %, ± standard error for one seed, ± std over seeds for several; perplexity: windows of "
+        f"{eval_cfg.get('ppl_window', 512)} tokens over the first {eval_cfg.get('ppl_tokens', 16384)} tokens). {_BEST_NOTE}"))
+    status = _status(summary)
+    if status:
+        doc.add(Paragraph(f"**{status}**"))
+    doc.add(Table(header, body, best_cells(header, body)))
+    for title, note, (h, b) in extra:
+        doc.add(Heading(title), Paragraph(note), Table(h, b, best_cells(h, b)))
+    clusters = _cluster_section(summary)
+    if clusters:
+        doc.add(Heading("Clusters of " + clusters["label"]), Paragraph(clusters["note"]), _cluster_table(clusters))
+    cost_h, cost_b = cost_table(summary)
+    costs = summary.get("costs_s", {})
+    cost_note = "Per unit, as each stage recorded it when it ran (cached stages keep their original cost)." + (
+        " This invocation's wall time: " + ", ".join(f"{k} {v:,.0f} s" for k, v in costs.items()) + "." if costs else "")
+    doc.add(Heading("Costs"), Paragraph(cost_note), Table(cost_h, cost_b))
+    if summary.get("failures"):
+        doc.add(Heading("Failed stages", tight=True), BulletList([f"{f['stage']}: {f['error']}" for f in summary["failures"]], literal=True))
+    plots = _plots(summary, root)
+    if plots:
+        doc.add(Heading("Plots", tight=True), Figures(plots))
+    doc.add(Heading("Configuration", tight=True), CodeBlock(json.dumps(summary["config"], indent=2), "json"),
+            Heading("Environment", tight=True), CodeBlock(json.dumps(summary.get("environment", {}), indent=2), "json"))
+    return doc, shown
+
+
+def write_experiment_report(summary: dict, root: Path) -> tuple[str, Path]:
+    """Writes report.md and report.html under root; returns (the tables to print, html path)."""
+    doc, shown = _report(summary, root)
+    atomic_write_text(root / "report.md", to_markdown(doc))
+    atomic_write_text(root / "report.html", to_html(doc))
     return shown, root / "report.html"
-
-
-def html_table(h: list[str], b: list[list[str]], best: set[tuple[int, int]] | None = None) -> str:
-    """An HTML table (in a horizontally scrolling box); cells in `best` get class "best"."""
-    th = "".join(f"<th>{html.escape(x)}</th>" for x in h)
-    mark = ' class="best"'
-
-    def td(i: int, j: int, c: str) -> str:
-        # thin spaces around ±: wide tables (17 columns) fit a 1400 px page without wrapping
-        return f"<td{mark if best and (i, j) in best else ''}>{html.escape(c).replace(' ± ', chr(0x2009) + '±' + chr(0x2009))}</td>"
-
-    trs = "".join("<tr>" + "".join(td(i, j, c) for j, c in enumerate(r)) + "</tr>" for i, r in enumerate(b))
-    return f'<div class="scroll"><table><thead><tr>{th}</tr></thead><tbody>{trs}</tbody></table></div>'
-
-
-def _md_bold_to_html(text: str) -> str:
-    """The verdict's **bold** (written for Markdown) as <strong>, everything else escaped."""
-    parts = text.split("**")
-    return "".join(f"<strong>{html.escape(p)}</strong>" if k % 2 else html.escape(p) for k, p in enumerate(parts))
 
 
 def _cluster_section(summary: dict) -> dict | None:
     """The first PASER selection's clusters: table cells and examples, with a note saying what
     the columns are and where the other selections' clusters are."""
-    from paser.report.clusters import cluster_rows, cluster_table, first_cluster_selection
-
     found = first_cluster_selection(summary.get("selections") or {})
     if found is None:
         return None
@@ -564,24 +498,10 @@ def _cluster_section(summary: dict) -> dict | None:
     return {"label": label, "dir": str(d), "header": header, "body": body, "examples": examples, "note": note}
 
 
-def _cluster_markdown(c: dict) -> str:
+def _cluster_table(c: dict) -> Table:
+    """Text columns wrap in HTML, numbers align right; the examples column only when there are examples."""
     has_ex = any(c["examples"])
     header = c["header"] + (["Examples (prompt → response)"] if has_ex else [])
-    body = [r + ([" · ".join(f"{i + 1}. {p} → {a}" for i, (p, a) in enumerate(ex)) or "-"] if has_ex else [])
-            for r, ex in zip(c["body"], c["examples"])]
-    return markdown_table(header, body)
-
-
-def _cluster_html(c: dict) -> str:
-    has_ex = any(c["examples"])
-    th = "".join(f"<th>{html.escape(x)}</th>" for x in c["header"] + (["Examples (prompt → response)"] if has_ex else []))
-    text_cols = {j for j, x in enumerate(c["header"]) if x in ("Key phrases", "Main sources")}
-    trs = []
-    for r, ex in zip(c["body"], c["examples"]):
-        tds = "".join(f'<td class="{"text" if j in text_cols else "num"}">{html.escape(v)}</td>' for j, v in enumerate(r))
-        if has_ex:
-            tds += '<td class="examples">' + ("".join(
-                f'<p class="ex">{i + 1}. {html.escape(p)} <span class="resp">→ {html.escape(a)}</span></p>'
-                for i, (p, a) in enumerate(ex)) or "-") + "</td>"
-        trs.append(f"<tr>{tds}</tr>")
-    return f'<div class="scroll"><table class="clusters"><thead><tr>{th}</tr></thead><tbody>{"".join(trs)}</tbody></table></div>'
+    body = [list(r) + ([Examples(list(ex))] if has_ex else []) for r, ex in zip(c["body"], c["examples"])]
+    classes = ["text" if x in ("Key phrases", "Main sources") else "num" for x in c["header"]]
+    return Table(header, body, css_class="clusters", column_classes=classes)

@@ -22,8 +22,21 @@ from typing import Hashable
 
 import numpy as np
 
+from paser.data import COMMONSENSE_TASKS
 from paser.evaluate.runner import HELDOUT_JSD_TASK, HELDOUT_TASK, PPL_TASKS
 from paser.evaluate.zeroshot import choice_metrics, mean_and_stderr
+
+
+# The commonsense tasks' column labels in the report's tables, in the paper's order.
+TASK_LABELS = {
+    "boolq": "BoolQ",
+    "piqa": "PIQA",
+    "hellaswag": "HellaS.",
+    "winogrande": "WinoG.",
+    "arc_easy": "ARC-e",
+    "arc_challenge": "ARC-c",
+    "openbookqa": "OBQA",
+}
 
 
 def task_results(results: dict | None) -> dict[str, dict]:
@@ -111,8 +124,6 @@ def paired_table(rows: list[dict], reference: str) -> tuple[list[str], list[list
     """Each method and budget minus `reference` (a method name at the same budget, or a
     budget-less row such as "pruned, no recovery"), unit by unit: mean difference ± paired SE.
     Negative is better for NLL and loss; positive is better for the gold-choice log-probability."""
-    from paser.data import COMMONSENSE_TASKS
-
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
         if row.get("results"):

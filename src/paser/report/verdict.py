@@ -16,7 +16,7 @@ import math
 import numpy as np
 
 from paser.results import unit_label
-from paser.report.paired import paired_difference, task_results
+from paser.report.paired import TASK_LABELS, paired_difference, task_results
 
 REFERENCE_METHODS = ("full",)  # rows with a budget that are references, not selections
 
@@ -137,8 +137,6 @@ def column_direction(label: str) -> str | None:
         return "max"
     if any(w in low for w in ("ppl", "loss", "jsd", "nll")):
         return "min"
-    from paser.report.experiment import TASK_LABELS
-
     return "max" if label in TASK_LABELS.values() else None
 
 

@@ -173,6 +173,10 @@ def validate_hidden_index(cols: dict[str, np.ndarray]) -> str | None:
 
 @dataclass(frozen=True)
 class ScoreItem:
+    """One record encoded for scoring: its id, the token ids of prompt and response (as the
+    template and cutoff give them), and where the response starts. Public: the held-out
+    evaluation scores its examples with the same items and `ModelView`."""
+
     id: str
     input_ids: tuple[int, ...]
     n_prompt: int
@@ -588,6 +592,37 @@ def _logit_buffer(view: ModelView, rows: int, cache: dict) -> torch.Tensor | Non
     return buf[:rows]
 
 
+def _open_store(cache_dir: str | Path | None, kind: str, key: dict, validate) -> ShardStore:
+    """The shard store of one scoring key (under cache_dir, default the paser cache)."""
+    cache_root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    return ShardStore(cache_root / "scores" / kind / stable_hash(key), meta=key, validate=validate)
+
+
+def _batch_columns(batch: Sequence[ScoreItem], counts: list[int], **scores: np.ndarray) -> dict[str, np.ndarray]:
+    """A batch's rows for the store: id, the per-record scores, then the token counts."""
+    return {
+        "id": np.array([it.id for it in batch], dtype=object),
+        **scores,
+        "n_response": np.array(counts, dtype=np.int64),
+        "n_prompt": np.array([it.n_prompt for it in batch], dtype=np.int64),
+    }
+
+
+def _verify_once(views: Sequence[ModelView], items: Sequence[ScoreItem]) -> None:
+    """Check each view's decoder/head split on the shortest item (by length, then id), once."""
+    shortest = min(items, key=lambda it: (it.length, it.id))
+    with torch.inference_mode():
+        for v in views:
+            if not v.verified:
+                v.verify(shortest)
+
+
+def _require_complete(scores, world_size: int):
+    if world_size == 1 and not scores.complete:  # pragma: no cover - would be an engine bug
+        raise RuntimeError("scoring finished with rows missing from the cache")
+    return scores
+
+
 def _score_into(items, records, store, batch_fn, columns, *, prepare=None, rank=0, world_size=1, **drive_kw):
     """The skeleton every per-record score shares: under the store's lock (a concurrent run on
     this cache waits, then reads what this one scored), `prepare()` once if this rank has
@@ -642,7 +677,7 @@ def score_degradation(
     tok = tokenizer if tokenizer is not None else original.tokenizer
     if tokenizer is None and pruned.tokenizer is not None and pruned.tokenizer is not original.tokenizer:
         check_same_tokenizer(original.tokenizer, pruned.tokenizer)
-    cache_root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    cache_root = Path(cache_dir) if cache_dir is not None else default_cache_dir()  # the hidden cache's too
     items = encode_records(records, tok, template, cutoff)
     tkey = _tokenizer_key(tok)
     key = {
@@ -655,7 +690,7 @@ def score_degradation(
         "hidden_dtype": hidden_dtype if reuse_original else "none",
         "version": ENGINE_VERSION,
     }
-    store = ShardStore(cache_root / "scores" / "degradation" / stable_hash(key), meta=key, validate=validate_degradation_shard)
+    store = _open_store(cache_root, "degradation", key, validate_degradation_shard)
     view_o, view_p = ModelView(original.model), ModelView(pruned.model)
     check_same_vocabulary(view_o, view_p, original.name or "original", pruned.name or "pruned")
     for m in (original.model, pruned.model):
@@ -670,11 +705,7 @@ def score_degradation(
 
     def prepare() -> None:
         nonlocal hidden_cache
-        shortest = min(items, key=lambda it: (it.length, it.id))
-        with torch.inference_mode():
-            for v in (view_o, view_p):
-                if not v.verified:
-                    v.verify(shortest)
+        _verify_once((view_o, view_p), items)
         if reuse_original and not view_o.direct:
             hkey = {
                 "kind": "final_hidden",
@@ -713,14 +744,8 @@ def score_degradation(
             lp = view_p.logits(h_p[s:e], out=_logit_buffer(view_p, e - s, buffers)).to(lo.device)
             j, no, npr = token_jsd_and_nll(lo, lp, targets[s:e].to(lo.device), chunk=chunk, workspace=workspace)
             jsd[s:e], nll_o[s:e], nll_p[s:e] = j.cpu(), no.cpu(), npr.cpu()
-        return {
-            "id": np.array([it.id for it in batch], dtype=object),
-            "jsd": segment_mean(jsd, counts).numpy(),
-            "nll_original": segment_mean(nll_o, counts).numpy(),
-            "nll_pruned": segment_mean(nll_p, counts).numpy(),
-            "n_response": np.array(counts, dtype=np.int64),
-            "n_prompt": np.array([it.n_prompt for it in batch], dtype=np.int64),
-        }
+        return _batch_columns(batch, counts, jsd=segment_mean(jsd, counts).numpy(),
+                              nll_original=segment_mean(nll_o, counts).numpy(), nll_pruned=segment_mean(nll_p, counts).numpy())
 
     stats, cols = _score_into(
         items, records, store, batch_fn, ["jsd", "nll_pruned", "nll_original"],
@@ -728,7 +753,7 @@ def score_degradation(
         desc=f"degradation ({pruned.name or 'pruned'})", **drive_kw,
     )
     stats.original_forward_samples = stats_extra["original_forward_samples"]
-    out = DegradationScores(
+    return _require_complete(DegradationScores(
         ids=[r.id for r in records],
         jsd=cols["jsd"],
         nll_pruned=cols["nll_pruned"],
@@ -736,10 +761,7 @@ def score_degradation(
         n_response=cols["n_response"],
         n_prompt=cols["n_prompt"],
         stats=stats,
-    )
-    if world_size == 1 and not out.complete:  # pragma: no cover - would be an engine bug
-        raise RuntimeError("scoring finished with rows missing from the cache")
-    return out
+    ), world_size)
 
 
 def score_loss(
@@ -768,7 +790,6 @@ def score_loss(
     Same batching, caching and sharding as `score_degradation`.
     """
     tok = tokenizer if tokenizer is not None else model.tokenizer
-    cache_root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     items = encode_records(records, tok, template, cutoff, condition_on_prompt)
     key = {
         "kind": "loss",
@@ -779,7 +800,7 @@ def score_loss(
         "tokenizer": _tokenizer_key(tok),
         "version": ENGINE_VERSION,
     }
-    store = ShardStore(cache_root / "scores" / "loss" / stable_hash(key), meta=key, validate=validate_loss_shard)
+    store = _open_store(cache_dir, "loss", key, validate_loss_shard)
     view = ModelView(model.model)
     model.model.eval()
     pad = pad_id(tok)
@@ -788,8 +809,7 @@ def score_loss(
     buffers: dict = {}
 
     def batch_fn(batch: list[ScoreItem]) -> dict[str, np.ndarray]:
-        if not view.verified:
-            view.verify(min(items, key=lambda it: (it.length, it.id)))
+        _verify_once((view,), items)
         ids, lengths, n_prompt = _collate(batch, pad, view.device)
         counts = [it.n_response for it in batch]
         h, targets = _response_hidden(view, ids, lengths, n_prompt)
@@ -798,22 +818,14 @@ def score_loss(
             e = min(h.shape[0], s + chunk)
             logits = view.logits(h[s:e], out=_logit_buffer(view, e - s, buffers))
             nll[s:e] = token_nll(logits, targets[s:e], chunk=chunk).cpu()
-        return {
-            "id": np.array([it.id for it in batch], dtype=object),
-            "nll": segment_mean(nll, counts).numpy(),
-            "n_response": np.array(counts, dtype=np.int64),
-            "n_prompt": np.array([it.n_prompt for it in batch], dtype=np.int64),
-        }
+        return _batch_columns(batch, counts, nll=segment_mean(nll, counts).numpy())
 
     stats, cols = _score_into(items, records, store, batch_fn, ["nll"], desc=f"loss(y{'|x' if condition_on_prompt else ''}) {model.name}", **drive_kw)
-    out = LossScores(
+    return _require_complete(LossScores(
         ids=[r.id for r in records],
         nll=cols["nll"],
         n_response=cols["n_response"],
         n_prompt=cols["n_prompt"],
         conditioned=bool(condition_on_prompt),
         stats=stats,
-    )
-    if world_size == 1 and not out.complete:  # pragma: no cover
-        raise RuntimeError("scoring finished with rows missing from the cache")
-    return out
+    ), world_size)

@@ -8,6 +8,11 @@ it decides more than in/out, a decision per record. It writes its per-record col
 Budgets: ``ctx.budget`` is in the budget's unit. ``ctx.cost`` is None for a record budget
 and each record's response tokens for a token budget, so every method fills the same token
 budget the same way: never over, short by less than one record.
+
+The methods import their machinery (the scoring engine, NTM, the baselines) inside the
+function: the registry is read by `paser.config` for the CLI's choices and help, which should
+not load torch and every method's code, and the engine's functions are looked up when a
+method runs.
 """
 
 from __future__ import annotations

@@ -19,8 +19,18 @@ import numpy as np
 from paser.config import SelectArgs
 from paser.errors import PaserError
 from paser.io.cache import atomic_write_json, default_cache_dir, write_parquet_atomic
+from paser.io.models import check_same_tokenizer, load_model, load_tokenizer
+from paser.io.provenance import environment
 from paser.io.records import Record, write_selected
+from paser.io.templates import encode_example
+from paser.select.budget import parse_budget, resolve_budget
+from paser.select.cluster import cluster_purity, semantic_clusters
+from paser.select.embed import embed_records
+from paser.select.estimate import estimate_selection
+from paser.select.methods import Context
+from paser.select.plots import plot_budget_per_cluster, plot_cluster_map
 from paser.select.pool import load_selection_pool, pool_seed  # noqa: F401  (re-exported)
+from paser.select.registry import SELECTION_METHODS, get
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +77,6 @@ def _cache_dir(args: SelectArgs) -> Path:
 
 
 def _load_models(args: SelectArgs, need_original: bool):
-    from paser.io.models import check_same_tokenizer, load_model
-
     pruned = load_model(args.pruned, allow_pickle=args.allow_pickle)
     original = None
     if need_original:
@@ -85,7 +93,6 @@ def _tokenizer(args: SelectArgs, models: dict):
     for m in (models.get("pruned"), models.get("original")):
         if m is not None:
             return m.tokenizer
-    from paser.io.models import load_tokenizer
 
     return load_tokenizer(args.pruned or args.original)
 
@@ -93,16 +100,10 @@ def _tokenizer(args: SelectArgs, models: dict):
 def response_token_costs(records: list[Record], tokenizer, template: str, cutoff: int) -> np.ndarray:
     """Each record's response tokens exactly as `paser recover` trains them (the labels that are
     not masked: same template, cutoff and EOS as `paser.io.templates.encode_example`)."""
-    from paser.io.templates import encode_example
-
     return np.array([max(1, encode_example(r, tokenizer, template, cutoff).n_response) for r in records], dtype=np.int64)
 
 
 def run_selection(args: SelectArgs) -> SelectionResult:
-    from paser.select.budget import parse_budget, resolve_budget
-    from paser.select.methods import Context
-    from paser.select.registry import SELECTION_METHODS, get
-
     spec = get(SELECTION_METHODS, args.method, "selection method")
     if spec.needs_pruned and not args.pruned:
         raise PaserError(f"--method {args.method} needs --pruned MODEL (make one with `paser prune`)")
@@ -174,8 +175,6 @@ def run_selection(args: SelectArgs) -> SelectionResult:
         report["pool_tokens"] = int(cost.sum())
 
     if models and args.estimate and state is None:  # before anything expensive runs
-        from paser.select.estimate import estimate_selection
-
         t = time.time()
         est = estimate_selection(args, records=records, models=models)
         log.info("%s", est.summary())
@@ -185,15 +184,11 @@ def run_selection(args: SelectArgs) -> SelectionResult:
     ctx = Context(args, records, budget, cost, cache, table=table, report=report, timings=timings,
                   original=models.get("original"), pruned=models.get("pruned"))
     if spec.needs_embeddings:
-        from paser.select.embed import embed_records
-
         t = time.time()
         ctx.embeddings = embed_records(records, cache_dir=cache, encoder=args.encoder)
         timings["embed"] = time.time() - t
 
     if spec.needs_clusters:
-        from paser.select.cluster import semantic_clusters
-
         t = time.time()
         ctx.clusters = semantic_clusters(ctx.embeddings, k=args.k, k_min=args.k_min, k_max=args.k_max, seed=args.seed)
         timings["cluster"] = time.time() - t
@@ -227,15 +222,11 @@ def run_selection(args: SelectArgs) -> SelectionResult:
     write_parquet_atomic(out / "scores.parquet", {k: (v if not isinstance(v, np.ndarray) else v) for k, v in table.items()})
 
     if args.plots and clusters is not None:
-        from paser.report.plots import plot_budget_per_cluster, plot_cluster_map
-
         t = time.time()
         cds = np.asarray(report["clusters"].get("cds") or np.zeros(clusters.k))
         plot_cluster_map(clusters.coords, clusters.labels, cds, out / "cluster_map.png", title=f"S2RIC clusters ({args.method})")
         plot_budget_per_cluster(report["clusters"], out / "budget_per_cluster.png")
         timings["plots"] = time.time() - t
-
-    from paser.io.provenance import environment
 
     timings["total"] = time.time() - t_start
     report.update(selected=len(chosen), timings_s=timings, environment=environment())
@@ -256,8 +247,6 @@ def _reason(decision: str, method: str) -> str:
 
 def _cluster_report(clusters, records: list[Record]) -> dict:
     from sklearn.metrics import adjusted_rand_score
-
-    from paser.select.cluster import cluster_purity
 
     sources = [r.source for r in records]
     caps = [str(r.extra.get("capability", r.source)) for r in records]
