@@ -239,3 +239,14 @@ def test_the_api_and_the_pipeline_are_imported_only_from_above():
                 if n in ("paser.api", "paser.pipeline"):
                     importers.setdefault(n, set()).add(module)
     assert importers == {"paser.api": {"paser.cli"}, "paser.pipeline": {"paser.api"}}
+
+
+def test_a_pipeline_without_methods_measures_the_damage_only(tmp_path, tiny_model_dir, tiny_pruned_dir, capsys):
+    out = tmp_path / "run"
+    cfg = _config(tmp_path / "exp.yaml", tiny_model_dir, tiny_pruned_dir, out, [])
+    assert main(["pipeline", "--config", str(cfg)]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert [r["method"] for r in res["rows"]] == ["dense (unpruned)", "pruned, no recovery"] and not res["failures"]
+    cfg.write_text(cfg.read_text() + "include_dense: false\ninclude_unrecovered: false\n")
+    assert main(["pipeline", "--config", str(cfg)]) == 2
+    assert "field 'methods'" in capsys.readouterr().err

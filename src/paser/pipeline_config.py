@@ -178,12 +178,18 @@ def _read(path: str | Path, out: str | None) -> dict:
     for key in _LISTS:
         if key in raw and not isinstance(raw[key], list):
             raw[key] = [raw[key]]
-        if key in raw and not raw[key] and key != "data":
-            raise _bad(path, key, "the list is empty")
+        if key in raw and not raw[key] and key != "data" and not (key == "methods" and _reference_rows(raw)):
+            # `methods: []` with the dense or unrecovered row is a run that only measures the
+            # damage (benchmarks/verdict.py --experiment damage); with neither it would do nothing.
+            raise _bad(path, key, "the list is empty" + (" (and include_dense and include_unrecovered are false: nothing to run)" if key == "methods" else ""))
     written = {**copy.deepcopy(DEFAULTS), **raw}
     if out:
         written["out"] = out
     return written
+
+
+def _reference_rows(raw: dict) -> bool:
+    return raw.get("include_dense", DEFAULTS["include_dense"]) or raw.get("include_unrecovered", DEFAULTS["include_unrecovered"])
 
 
 def _check_scalars(w: dict, path: str | Path) -> None:
