@@ -100,3 +100,21 @@ def test_a_registered_toy_objective_runs_through_cli_config_pipeline_and_report(
         assert done["key"]["objective"] == "sft_scaled" and "teacher" not in done["key"]
     finally:
         RECOVERY_OBJECTIVES.pop("sft_scaled", None)
+
+
+def test_the_cli_options_and_recover_share_their_defaults_and_choices():
+    """RecoverArgs (CLI, YAML, API) and RecoverOptions (recover()'s keywords) name the same
+    settings twice, so that config.py need not import the trainer; they must agree."""
+    import dataclasses
+
+    from paser.config import RecoverArgs, field_choices
+    from paser.recover import lora
+
+    opts = {f.name: f for f in dataclasses.fields(lora.RecoverOptions)}
+    shared = [f for f in dataclasses.fields(RecoverArgs) if f.name in opts]
+    assert len(shared) >= 24
+    for f in shared:
+        assert f.default == opts[f.name].default, f.name
+    by_name = {f.name: f for f in shared}
+    assert set(field_choices(by_name["save_dtype"])) == set(lora.SAVE_DTYPES)
+    assert set(field_choices(by_name["report_to"])) == set(lora.REPORT_TO)
