@@ -445,3 +445,64 @@ def test_depth_shortfall_in_tokens():
     assert used.sum() == cost[went].sum()
     assert np.array_equal(depth_shortfall(used, res), np.minimum(np.maximum(used - 500, 0), res.unit_sizes - 500))
     assert depth_shortfall(used, res).sum() > 0  # half the candidates rejected: the prefix was not deep enough
+
+
+# ----------------------------------------------------------------------------- the cost before scoring
+
+
+def test_plan_stage_one_is_the_sample_the_scorer_draws():
+    # With the pilot's own CV, the plan's CDS sample is exactly what adaptive_degradation scores
+    # when there is nothing to search (quota 0), cluster by cluster.
+    from paser.select.adaptive import PILOT, plan_adaptive, sample_orders
+
+    rng = np.random.default_rng(3)
+    sizes = np.array([40, 250, 900])
+    labels = np.repeat(np.arange(3), sizes)
+    X = np.ones((labels.size, 2), np.float32) / math.sqrt(2)
+    jsd = rng.beta(3, 12, labels.size) * LN2
+    for conf in (0.8, 0.9, 0.95):
+        res = adaptive_degradation(Lookup(jsd), labels, lambda c: np.zeros(3, np.int64), X, confidence=conf, seed=5)
+        orders = sample_orders(labels, 3, 5)
+        for c in range(3):
+            v = jsd[orders[c][:PILOT]]
+            plan = plan_adaptive(int(sizes[c]), 1, 0.0, conf, cv=float(v.std(ddof=1) / v.mean()))
+            assert plan.sample_records == res.sample_sizes[c] == res.scored[labels == c].sum()
+            assert plan.expected_records == plan.sample_records  # budget 0: nothing to search
+    full = plan_adaptive(1000, 8, 0.1, 1.0)
+    assert full.sample_records == full.expected_records == full.upper_bound_records == 1000
+
+
+def test_search_share_reproduces_the_archived_simulation():
+    import pathlib
+
+    from paser.select.adaptive import search_share
+
+    root = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "adaptive_sim"
+    points: dict = {}
+    for name in ("wanda50_2000.json", "wanda50_2000_budget100.json", "wanda50_2000_budget400.json"):
+        d = json.loads((root / name).read_text())
+        b = d["budget"] / d["pool"]
+        for r in d["rows"]:
+            # the fitted configuration: IES, the full predictor, quotas estimated, within the cluster
+            if r["ranking"] != "ies" or r["predictor"] != "+het+text" or r["exact_quota"] or r["confidence"] >= 1:
+                continue
+            points.setdefault((b, r["confidence"]), []).append((r["fraction_scored"] - r["fraction_sampled"]) / (1 - r["fraction_sampled"]))
+    assert len(points) == 9
+    for (b, conf), shares in points.items():
+        assert abs(search_share(conf, b) - float(np.mean(shares))) <= 0.045, (b, conf, shares)
+    assert search_share(0.8, 0.1) < search_share(0.9, 0.1) < search_share(0.9, 0.2) <= 1.0
+
+
+def test_plan_brackets_a_run_and_orders_by_confidence():
+    from paser.select.adaptive import plan_adaptive
+
+    labels, X, jsd, n_x, n_y = smooth_pool(n=900, noise=0.02)
+    sizes = np.bincount(labels)
+    cv = float(jsd.std() / jsd.mean())
+    plans = [plan_adaptive(900, 3, 0.1, c, cv=cv) for c in (0.5, 0.8, 0.9, 0.99)]
+    assert all(p.sample_records <= p.expected_records <= p.upper_bound_records == 900 for p in plans)
+    assert [p.expected_records for p in plans] == sorted(p.expected_records for p in plans)
+    res = adaptive_degradation(Lookup(jsd), labels, lambda c: allocate_budget(c, sizes, 90), X, rank_fn=ies_rank(n_x, n_y),
+                               n_prompt=n_x, n_response=n_y, confidence=0.9)
+    assert plans[2].sample_records <= res.n_scored <= plans[2].upper_bound_records
+    assert abs(res.sample_sizes.sum() - plans[2].sample_records) <= 0.5 * plans[2].sample_records

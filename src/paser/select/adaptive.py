@@ -54,6 +54,8 @@ from typing import Callable, Sequence
 import numpy as np
 
 LN2 = math.log(2.0)  # the largest value a JSD in nats can take
+PILOT = 16  # stage 1's pilot per cluster (adaptive_degradation's default; plan_adaptive's too)
+CDS_REL_ERROR = 0.1  # the CDS intervals' half-width, relative to the estimate
 
 ScoreFn = Callable[[np.ndarray], np.ndarray]
 RankFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
@@ -301,6 +303,81 @@ def top_value_cost(values: np.ndarray, idx: np.ndarray, costs: np.ndarray, quota
     return float(values[order[reach[0]]]), int(reach[0]) + 1
 
 
+# ----------------------------------------------------------------------------- cost before scoring
+
+# The search's share of the unsampled records, measured by benchmarks/adaptive_sim.py on the
+# archived Wanda-50 % scores of the 2,000-record pool (IES ranking, kNN + lengths + text
+# statistics, NTM on, quotas estimated; benchmarks/results/adaptive_sim, means of 3 seeds): at
+# confidence 0.5 / 0.8 / 0.9 / 0.95 / 0.99 and a 10 % budget it scored 30 / 44 / 53 / 64 / 78 %
+# of the records outside the CDS sample, and at 0.8 and 0.9 the share grew about as the
+# square root of the budget fraction (5 %, 10 %, 20 %). Least squares over those 9 points:
+# share = (SEARCH_A + SEARCH_B · ln(1 / (1 - confidence))) · sqrt(b), within 0.045 of each.
+# One model, one pool: an expectation, not a bound.
+SEARCH_A, SEARCH_B = 0.73, 0.39
+# JSD's coefficient of variation on that pool (sd / mean over 2,000 records), the prior for
+# the CDS sample sizes where the estimate has too few scored records of its own.
+DEFAULT_JSD_CV = 0.28
+
+
+@dataclass
+class AdaptivePlan:
+    """What adaptive scoring will score, predicted before anything is scored.
+
+    Stage 1 (the CDS sample) is planned exactly as ``adaptive_degradation`` plans it: the
+    pilot, then Cochran's rule with the finite-population correction, from a coefficient of
+    variation of JSD (``cv``; the run uses each cluster's pilot, the plan one value for all),
+    over K clusters of equal size (the real clusters are not known before embedding).
+    Stage 2 (the search) stops when the data says so: ``expected_*`` uses the share measured
+    on the benchmark pool (SEARCH_A, SEARCH_B), and the upper bound is the whole pool (a
+    predictor that ranks no better than chance searches every record; the ln 2 bound that
+    skips some depends on the scores).
+    """
+
+    pool_size: int
+    k: int
+    confidence: float
+    budget_fraction: float
+    cv: float
+    sample_records: int
+    expected_records: int
+    upper_bound_records: int
+
+    @property
+    def expected_fraction(self) -> float:
+        return self.expected_records / self.pool_size if self.pool_size else 0.0
+
+    @property
+    def sample_fraction(self) -> float:
+        return self.sample_records / self.pool_size if self.pool_size else 0.0
+
+    def to_dict(self) -> dict:
+        return {**self.__dict__, "expected_fraction": self.expected_fraction, "sample_fraction": self.sample_fraction,
+                "upper_bound_fraction": 1.0 if self.pool_size else 0.0}
+
+
+def search_share(confidence: float, budget_fraction: float) -> float:
+    """Expected share of the records outside the CDS sample that the search scores (see SEARCH_A)."""
+    if confidence >= 1.0:
+        return 1.0
+    b = min(max(float(budget_fraction), 0.0), 1.0)
+    return float(min(1.0, (SEARCH_A + SEARCH_B * math.log(1.0 / (1.0 - confidence))) * math.sqrt(b)))
+
+
+def plan_adaptive(pool_size: int, k: int, budget_fraction: float, confidence: float = 0.9, cds_rel_error: float = CDS_REL_ERROR,
+                  pilot: int = PILOT, cv: float = DEFAULT_JSD_CV) -> AdaptivePlan:
+    """The expected and the largest number of records ``adaptive_degradation`` scores (see AdaptivePlan)."""
+    n, k = int(pool_size), max(1, int(k))
+    if confidence >= 1.0:
+        return AdaptivePlan(n, k, float(confidence), float(budget_fraction), float(cv), n, n, n)
+    sizes = [n // k + (1 if c < n % k else 0) for c in range(k)]
+    sample = 0
+    for size in sizes:
+        m = min(size, pilot)
+        sample += max(m, required_sample_size(float(cv), 1.0, size, cds_rel_error, confidence, m - 1)) if size else 0
+    expected = sample + int(round(search_share(confidence, budget_fraction) * (n - sample)))
+    return AdaptivePlan(n, k, float(confidence), float(budget_fraction), float(cv), sample, min(n, expected), n)
+
+
 # ----------------------------------------------------------------------------- result
 
 
@@ -424,9 +501,9 @@ def adaptive_degradation(
     n_prompt: np.ndarray | None = None,
     n_response: np.ndarray | None = None,
     confidence: float = 0.9,
-    cds_rel_error: float = 0.1,
+    cds_rel_error: float = CDS_REL_ERROR,
     seed: int = 0,
-    pilot: int = 16,
+    pilot: int = PILOT,
     n_neighbors: int = 10,
     batch_fraction: float = 0.5,
     min_batch: int = 4,
@@ -507,7 +584,7 @@ def adaptive_degradation(
 
     settings = dict(seed=seed, pilot=pilot, n_neighbors=n_neighbors, batch_fraction=batch_fraction, min_batch=min_batch,
                     heteroscedastic=heteroscedastic, neighbours=neighbours, extra_features=0 if extra_features is None else int(np.asarray(extra_features).reshape(n, -1).shape[1]),
-                    labels_for_report=labels)
+                    budget_unit="records" if costs is None else "tokens", labels_for_report=labels)
     orders = sample_orders(labels, k, seed)
 
     # --- stage 1: the stratified sample and CDS ------------------------------------------
