@@ -310,3 +310,199 @@ def test_ntm_gate_loop_extends_depth_and_matches_exhaustive():
     res, out = adaptive_select(Lookup(jsd), labels, lambda c: ref.quota_initial, X, rank_fn=rank, make_gate=gate,
                                n_prompt=n_x, n_response=n_y, confidence=0.95, seed=0)
     assert out.selected == ref.selected and res.n_scored < 0.3 * labels.size
+
+
+# ----------------------------------------------------------------------------- token budgets and allocation rules
+
+
+def test_top_value_cost_is_the_record_where_the_prefix_reaches_the_quota():
+    from paser.select.adaptive import top_value_cost
+
+    vals = np.array([0.9, 0.5, 0.7, 0.7, 0.1])
+    idx = np.arange(5)
+    costs = np.array([10, 5, 4, 6, 100])
+    # ranked: 0 (10), 2 (4, tie with 3 goes to the smaller index), 3 (6), 1 (5), 4 (100)
+    assert top_value_cost(vals, idx, costs, 10) == (0.9, 1)
+    assert top_value_cost(vals, idx, costs, 11) == (0.7, 2)
+    assert top_value_cost(vals, idx, costs, 20) == (0.7, 3)
+    assert top_value_cost(vals, idx, costs, 21) == (0.5, 4)
+    assert top_value_cost(vals, idx, costs, 126) == (-math.inf, 5)
+    assert top_value_cost(vals, idx, costs, 0) == (math.inf, 0)
+
+
+RULES = [("cds", 1.0), ("mass", 1.0), ("mass", 0.5), ("equal", 1.0)]
+
+
+def _exhaustive_rule(labels, jsd, rank, budget, rule, tau, gate=None, cost=None):
+    from paser.select.registry import ALLOCATION_RULES, get
+
+    k = int(labels.max()) + 1
+    fn = get(ALLOCATION_RULES, rule, "allocation rule").fn
+    sizes = np.bincount(labels, minlength=k) if cost is None else np.bincount(labels, weights=cost, minlength=k).astype(np.int64)
+    cds = cluster_degradation(jsd, labels, k)
+    w = fn(cds, sizes, tau)
+    prio = rank(jsd, np.arange(jsd.size))
+    out = select_with_budget(labels, prio, allocate_budget(w, sizes, budget), gate, cds=w, priority=prio, cost=cost)
+    return out, sizes, fn
+
+
+@pytest.mark.parametrize("rule,tau", RULES)
+@pytest.mark.parametrize("unit", ["records", "tokens"])
+def test_confidence_one_equals_exhaustive_for_every_allocation_rule_and_unit(rule, tau, unit):
+    from paser.select.adaptive import adaptive_select
+
+    labels, X, jsd, n_x, n_y = smooth_pool(n=600, noise=0.02)
+    # Uneven clusters, so the rules give different quotas, and a stateless gate that rejects,
+    # so shortfalls move between clusters by the rule's weights and fill order matters.
+    keep = np.ones(labels.size, bool)
+    keep[(labels == 1) & (np.arange(labels.size) % 3 == 0)] = False
+    keep[(labels == 2) & (np.arange(labels.size) % 2 == 0)] = False
+    labels, X, jsd, n_x, n_y = labels[keep], X[keep], jsd[keep], n_x[keep], n_y[keep]
+    cost = None if unit == "records" else n_y.astype(np.int64)
+    budget = 50 if unit == "records" else 4000
+    rank = ies_rank(n_x, n_y)
+    gate = lambda: (lambda i: i % 4 != 1)  # noqa: E731
+    ref, sizes, fn = _exhaustive_rule(labels, jsd, rank, budget, rule, tau, gate(), cost)
+    f = Lookup(jsd)
+    res, out = adaptive_select(f, labels, lambda c: allocate_budget(fn(c, sizes, tau), sizes, budget), X, rank_fn=rank,
+                               make_gate=gate, fill_weights=lambda c: fn(c, sizes, tau), cost=cost,
+                               n_prompt=n_x, n_response=n_y, confidence=1.0, seed=0)
+    assert len(f.calls) == 1 and res.scored.all()
+    assert np.array_equal(res.n_k, ref.quota_initial)
+    assert out.selected == ref.selected and np.array_equal(out.decisions, ref.decisions)
+    assert out.cluster_order == ref.cluster_order
+
+
+def test_fill_order_follows_the_allocation_weights_not_cds():
+    # Regression: the adaptive path filled clusters by CDS whatever --allocation said. With
+    # mass weights the largest cluster comes first although its CDS is the lowest.
+    from paser.select.adaptive import adaptive_select
+    from paser.select.budget import mass_weights
+
+    rng = np.random.default_rng(1)
+    labels = np.repeat(np.arange(3), [300, 60, 60])
+    X = rng.normal(size=(labels.size, 4)).astype(np.float32)
+    X /= np.linalg.norm(X, axis=1, keepdims=True)
+    jsd = np.array([0.10, 0.20, 0.30])[labels] + 0.01 * rng.random(labels.size)
+    sizes = np.bincount(labels)
+    res, out = adaptive_select(Lookup(jsd), labels, lambda c: allocate_budget(mass_weights(c, sizes), sizes, 40), X,
+                               fill_weights=lambda c: mass_weights(c, sizes), confidence=1.0)
+    assert out.cluster_order[0] == 0
+    res, out = adaptive_select(Lookup(jsd), labels, lambda c: allocate_budget(mass_weights(c, sizes), sizes, 40), X, confidence=1.0)
+    assert out.cluster_order[0] == 2  # the default stays CDS
+
+
+@pytest.mark.parametrize("ranking", ["ies", "jsd"])
+def test_token_budget_below_confidence_one_is_never_over_and_short_by_less_than_any_left_out(ranking):
+    from paser.select.adaptive import adaptive_select
+
+    labels, X, jsd, n_x, n_y = smooth_pool(n=900, noise=0.002)
+    cost = n_y.astype(np.int64)
+    rank = ies_rank(n_x, n_y) if ranking == "ies" else jsd_rank
+    budget = int(0.1 * cost.sum())
+    sizes = np.bincount(labels, weights=cost).astype(np.int64)
+    ref, _, _ = _exhaustive_rule(labels, jsd, rank, budget, "cds", 1.0, None, cost)
+    f = Lookup(jsd)
+    res, out = adaptive_select(f, labels, lambda c: allocate_budget(c, sizes, budget), X, rank_fn=rank, cost=cost,
+                               n_prompt=n_x, n_response=n_y, confidence=0.9, seed=0)
+    sel = np.asarray(out.selected)
+    spent = int(cost[sel].sum())
+    left = np.setdiff1d(np.arange(labels.size), sel)
+    assert spent <= budget and budget - spent < cost[left].min()
+    assert np.array_equal(res.unit_sizes, sizes) and np.all(res.depth <= sizes) and res.n_k.sum() == budget
+    assert res.n_scored < 0.8 * labels.size  # it did skip records
+    overlap = len(set(out.selected) & set(ref.selected)) / len(ref.selected)
+    assert overlap >= 0.8, overlap  # a predictable pool: close to exhaustive
+    allidx = np.concatenate(f.calls)
+    assert allidx.size == np.unique(allidx).size
+
+
+def test_selection_priority_puts_unscored_below_scored_in_predicted_order():
+    labels, X, jsd, n_x, n_y = smooth_pool(n=300, noise=0.002)
+    rank = ies_rank(n_x, n_y)
+    res = adaptive_degradation(Lookup(jsd), labels, lambda c: np.array([5, 5, 5]), X, rank_fn=rank, n_prompt=n_x,
+                               n_response=n_y, confidence=0.8)
+    prio = res.selection_priority(rank)
+    assert res.predicted is not None and not res.scored.all()
+    assert np.array_equal(prio[res.scored], res.priority(rank)[res.scored])
+    un = np.flatnonzero(~res.scored)
+    assert prio[un].max() < prio[res.scored].min()
+    guess = rank(np.clip(res.predicted[un], 0, LN2), un)
+    assert np.array_equal(np.argsort(-prio[un], kind="stable"), np.argsort(-guess, kind="stable"))
+
+
+def test_depth_shortfall_in_tokens():
+    from paser.select.adaptive import consumed_units
+
+    labels, X, jsd, n_x, n_y = smooth_pool(n=300, noise=0.02)
+    cost = n_y.astype(np.int64)
+    res = adaptive_degradation(Lookup(jsd), labels, lambda c: np.array([500, 500, 500]), X, n_prompt=n_x, n_response=n_y,
+                               confidence=0.8, cost=cost)
+    assert res.depth.tolist() == [500, 500, 500]
+    out = select_with_budget(labels, res.selection_priority(jsd_rank), res.n_k, lambda i: i % 2 == 0, cds=res.cds, cost=cost)
+    used = consumed_units(out, labels, 3, cost)
+    went = np.isin(out.decisions, ["selected", "ntm_conflict", "ntm_override"])
+    assert used.sum() == cost[went].sum()
+    assert np.array_equal(depth_shortfall(used, res), np.minimum(np.maximum(used - 500, 0), res.unit_sizes - 500))
+    assert depth_shortfall(used, res).sum() > 0  # half the candidates rejected: the prefix was not deep enough
+
+
+# ----------------------------------------------------------------------------- the cost before scoring
+
+
+def test_plan_stage_one_is_the_sample_the_scorer_draws():
+    # With the pilot's own CV, the plan's CDS sample is exactly what adaptive_degradation scores
+    # when there is nothing to search (quota 0), cluster by cluster.
+    from paser.select.adaptive import PILOT, plan_adaptive, sample_orders
+
+    rng = np.random.default_rng(3)
+    sizes = np.array([40, 250, 900])
+    labels = np.repeat(np.arange(3), sizes)
+    X = np.ones((labels.size, 2), np.float32) / math.sqrt(2)
+    jsd = rng.beta(3, 12, labels.size) * LN2
+    for conf in (0.8, 0.9, 0.95):
+        res = adaptive_degradation(Lookup(jsd), labels, lambda c: np.zeros(3, np.int64), X, confidence=conf, seed=5)
+        orders = sample_orders(labels, 3, 5)
+        for c in range(3):
+            v = jsd[orders[c][:PILOT]]
+            plan = plan_adaptive(int(sizes[c]), 1, 0.0, conf, cv=float(v.std(ddof=1) / v.mean()))
+            assert plan.sample_records == res.sample_sizes[c] == res.scored[labels == c].sum()
+            assert plan.expected_records == plan.sample_records  # budget 0: nothing to search
+    full = plan_adaptive(1000, 8, 0.1, 1.0)
+    assert full.sample_records == full.expected_records == full.upper_bound_records == 1000
+
+
+def test_search_share_reproduces_the_archived_simulation():
+    import pathlib
+
+    from paser.select.adaptive import search_share
+
+    root = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "adaptive_sim"
+    points: dict = {}
+    for name in ("wanda50_2000.json", "wanda50_2000_budget100.json", "wanda50_2000_budget400.json"):
+        d = json.loads((root / name).read_text())
+        b = d["budget"] / d["pool"]
+        for r in d["rows"]:
+            # the fitted configuration: IES, the full predictor, quotas estimated, within the cluster
+            if r["ranking"] != "ies" or r["predictor"] != "+het+text" or r["exact_quota"] or r["confidence"] >= 1:
+                continue
+            points.setdefault((b, r["confidence"]), []).append((r["fraction_scored"] - r["fraction_sampled"]) / (1 - r["fraction_sampled"]))
+    assert len(points) == 9
+    for (b, conf), shares in points.items():
+        assert abs(search_share(conf, b) - float(np.mean(shares))) <= 0.045, (b, conf, shares)
+    assert search_share(0.8, 0.1) < search_share(0.9, 0.1) < search_share(0.9, 0.2) <= 1.0
+
+
+def test_plan_brackets_a_run_and_orders_by_confidence():
+    from paser.select.adaptive import plan_adaptive
+
+    labels, X, jsd, n_x, n_y = smooth_pool(n=900, noise=0.02)
+    sizes = np.bincount(labels)
+    cv = float(jsd.std() / jsd.mean())
+    plans = [plan_adaptive(900, 3, 0.1, c, cv=cv) for c in (0.5, 0.8, 0.9, 0.99)]
+    assert all(p.sample_records <= p.expected_records <= p.upper_bound_records == 900 for p in plans)
+    assert [p.expected_records for p in plans] == sorted(p.expected_records for p in plans)
+    res = adaptive_degradation(Lookup(jsd), labels, lambda c: allocate_budget(c, sizes, 90), X, rank_fn=ies_rank(n_x, n_y),
+                               n_prompt=n_x, n_response=n_y, confidence=0.9)
+    assert plans[2].sample_records <= res.n_scored <= plans[2].upper_bound_records
+    assert abs(res.sample_sizes.sum() - plans[2].sample_records) <= 0.5 * plans[2].sample_records

@@ -106,3 +106,63 @@ def test_kill_during_adaptive_scoring_resumes_to_the_same_selection(setup, tmp_p
     assert sum(again) == whole.n_scored - sum(calls)
     assert np.array_equal(resumed.jsd, whole.jsd, equal_nan=True)
     assert sel_resumed.selected == sel_whole.selected
+
+
+@pytest.mark.parametrize("extra", [("--budget", "777tok"), ("--budget", "777tok", "--allocation", "mass", "--tau", "0.5"),
+                                   ("--budget", "10", "--allocation", "equal", "--ranking", "jsd")])
+def test_cli_adaptive_at_confidence_1_equals_exhaustive_with_token_budgets_and_allocation_rules(
+        tmp_path, tiny_model_dir, tiny_pruned_dir, one_thread, extra):
+    import json
+
+    from paser.cli import main
+    from paser.io.records import load_records
+
+    def select(out, *more):
+        rc = main(["select", "--original", str(tiny_model_dir), "--pruned", str(tiny_pruned_dir), "--limit", "60", "--out", str(out),
+                   "--cache-dir", str(tmp_path / "cache"), "--no-plots", "--k-min", "2", "--k-max", "4", *extra, *more])
+        assert rc == 0
+        return json.loads((out / "report.json").read_text()), [r.id for r in load_records(out / "selected.jsonl")[0]]
+
+    ex, ex_ids = select(tmp_path / "ex")
+    ad, ad_ids = select(tmp_path / "ad", "--scoring", "adaptive", "--confidence", "1")
+    assert ad_ids == ex_ids
+    assert ad["clusters"]["n_k"] == ex["clusters"]["n_k"] and ad["clusters"]["fill_order"] == ex["clusters"]["fill_order"]
+    if "777tok" in extra:
+        assert ad["selected_tokens"] == ex["selected_tokens"] <= 777
+    low, _ = select(tmp_path / "low", "--scoring", "adaptive", "--confidence", "0.5")
+    if "777tok" in extra:
+        assert low["selected_tokens"] <= 777 and low["paser"]["budget_unit"] == "tokens"
+    else:
+        assert low["selected"] == 10
+
+
+def test_estimate_predicts_the_adaptive_cost_and_brackets_a_real_run(tmp_path, tiny_model_dir, tiny_pruned_dir, one_thread):
+    import json
+
+    from paser.cli import main
+    from paser.config import SelectArgs
+    from paser.select.estimate import estimate_selection
+
+    common = dict(original=str(tiny_model_dir), pruned=str(tiny_pruned_dir), limit=120, budget="12", k=3)
+    ex = estimate_selection(SelectArgs(**common))
+    assert ex.adaptive is None
+    ests = {c: estimate_selection(SelectArgs(**common, scoring="adaptive", confidence=c)) for c in (0.5, 0.9, 1.0)}
+    for c, e in ests.items():
+        a = e.adaptive
+        assert a["confidence"] == c and a["k"] == 3 and a["pool_size"] == 120
+        assert a["sample_records"] <= a["expected_records"] <= a["upper_bound_records"] == 120
+        assert a["upper_bound_tokens"] == e.tokens and a["expected_tokens"] <= e.tokens
+        assert e.seconds["score"] == pytest.approx(a["expected_score_seconds"])
+        assert a["expected_score_seconds"] == pytest.approx(a["upper_bound_score_seconds"] * a["expected_fraction"])
+        assert "adaptive scoring at confidence" in e.summary()
+    assert ests[1.0].adaptive["expected_records"] == 120
+    assert ests[0.5].adaptive["expected_records"] < ests[0.9].adaptive["expected_records"] < 120
+
+    rc = main(["select", "--original", str(tiny_model_dir), "--pruned", str(tiny_pruned_dir), "--limit", "120", "--budget", "12",
+               "--k", "3", "--scoring", "adaptive", "--confidence", "0.9", "--out", str(tmp_path / "s"),
+               "--cache-dir", str(tmp_path / "c"), "--no-plots"])
+    assert rc == 0
+    rep = json.loads((tmp_path / "s" / "report.json").read_text())
+    assert rep["estimate"]["adaptive"]["expected_records"] == ests[0.9].adaptive["expected_records"]  # select printed the same plan
+    scored = rep["adaptive"]["samples_scored"]
+    assert ests[0.9].adaptive["sample_records"] * 0.5 <= scored <= 120

@@ -244,7 +244,7 @@ class SelectArgs(_Validated):
     allocation: str = _f("cds", "PASER's budget per cluster: " + choices_help(allocation_rules()), choices=lambda: tuple(allocation_rules()))
     tau: float = _f(1.0, "exponent of CDS in the `mass` allocation rule (0: stratified by cluster size)", min=0.0)
     ranking: str = _f("ies", "PASER's order within a cluster: " + choices_help(rankings()), choices=lambda: tuple(rankings()))
-    scoring: str = _f("exhaustive", "PASER's degradation scoring: exhaustive (every record) or adaptive (a stratified sample per cluster, then a kNN-guided search for each cluster's top n_k; record budgets)", choices=("exhaustive", "adaptive"))
+    scoring: str = _f("exhaustive", "PASER's degradation scoring: exhaustive (every record) or adaptive (a stratified sample per cluster, then a kNN-guided search for each cluster's top n_k; record or token budgets, any --allocation)", choices=("exhaustive", "adaptive"))
     confidence: float = _f(0.9, "adaptive scoring: confidence of the CDS intervals and of the stopping rule (expected recall of each cluster's top n_k; 1 scores everything)", gt=0.0, max=1.0)
     seed: int = _f(0, "random seed", min=0)
     limit: int | None = _f(None, "use only the first N records of the pool after a seeded shuffle (quick runs)", min=1)

