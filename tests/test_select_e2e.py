@@ -71,3 +71,32 @@ def test_baselines_respect_the_budget(paser_run, tiny_model_dir, tiny_pruned_dir
 def test_missing_pruned_model_is_a_clear_error(tmp_path, capsys):
     rc = main(["select", "--limit", "20", "--budget", "5", "--out", str(tmp_path / "o"), "--cache-dir", str(tmp_path / "c")])
     assert rc == 2 and "needs --pruned" in capsys.readouterr().err
+
+
+def test_the_api_takes_records_in_memory(tmp_path, tiny_model_dir, tiny_pruned_dir):
+    """A list of dicts, of Records, or a datasets.Dataset selects exactly what the same records
+    in a file select, and recover trains on in-memory records as on their file."""
+    import datasets
+
+    from paser import api
+    from paser.errors import PaserError
+    from paser.io.records import write_jsonl
+
+    pool = load_records(pool_path())[0][:40]
+    rows = [r.as_given() for r in pool]
+    f = tmp_path / "pool.jsonl"
+    write_jsonl(f, rows)
+    common = dict(original=str(tiny_model_dir), pruned=str(tiny_pruned_dir), budget="8", method="paser",
+                  cache_dir=str(tmp_path / "cache"), plots=False, k_min=2, k_max=3)
+    want = api.select(data=[str(f)], out=str(tmp_path / "file"), **common)
+    want_ids = want.selected_ids
+    for name, data in (("dicts", rows), ("records", pool), ("dataset", datasets.Dataset.from_list(rows))):
+        got = api.select(data=data, out=str(tmp_path / name), **common)
+        assert (tmp_path / name / "input.jsonl").exists()
+        assert (tmp_path / name / "selected.jsonl").read_text() == (tmp_path / "file" / "selected.jsonl").read_text(), name
+        assert got.selected_ids == want_ids
+    sel, _ = load_records(tmp_path / "file" / "selected.jsonl")
+    res = api.recover(model=str(tiny_pruned_dir), data=sel, out=str(tmp_path / "rec"), max_steps=1, batch_size=2)
+    assert res.report["tokens_trained"] > 0
+    with pytest.raises(PaserError, match="data item 0 is a int"):
+        api.recover(model=str(tiny_pruned_dir), data=[3], out=str(tmp_path / "bad"))
