@@ -91,3 +91,18 @@ def test_scoring_lora_targets_and_evaluation_on_other_families(family, tiny_toke
     direct = loglikelihoods(pruned, tiny_tokenizer, [("Question: 2+2?\nAnswer:", " 4"), ("Question: 2+2?\nAnswer:", " five")],
                             share_prefix=False, show_progress=False)
     assert lls == pytest.approx(direct, abs=1e-4)  # the KV-cache path works for this family's cache
+
+
+def test_structured_shapes_name_a_layout_they_cannot_cut():
+    """The adapter knows which projections structured pruning cuts; a layer without them (here
+    a Qwen2 whose MLP projection was renamed) is one clear ModelError, not an AttributeError."""
+    from paser.errors import ModelError
+    from paser.io.adapter import structured_shapes
+
+    model = _build("qwen2")
+    assert structured_shapes(model)[-1] == COMMON["intermediate_size"]
+    mlp = decoder_layers(model)[1].mlp
+    mlp.fc_in = mlp.gate_proj
+    del mlp.gate_proj
+    with pytest.raises(ModelError, match="LLaMA-style layers.*layer 1"):
+        structured_shapes(model)

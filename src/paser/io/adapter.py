@@ -1,7 +1,8 @@
 """Model-family knowledge in one place (in the spirit of SliceGPT's ModelAdapter): where a causal
 LM keeps its text decoder, its decoder layers and its LM head, and which token pads a batch.
 
-Every stage asks here instead of guessing on its own: pruning (the layers), scoring and
+Every stage asks here instead of guessing on its own: pruning (the layers, and for structured
+pruning the projections it cuts and their shapes), scoring and
 evaluation (decoder + head, the pad id), recovery (the LoRA targets' prefix). A model these
 rules do not fit gets one clear error naming its class.
 """
@@ -83,3 +84,31 @@ def pad_id(tokenizer, *, strict: bool = False, name: str = "the model") -> int:
     if strict:
         raise ModelError(f"{name}: the tokenizer has neither a pad nor an EOS token")
     return 0
+
+
+# Structured pruning removes whole KV groups and MLP channels, so it needs to know which
+# projections read and write them; unstructured methods only need `nn.Linear`s.
+ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+
+
+def structured_shapes(model: nn.Module) -> tuple[int, int, int, int, int]:
+    """(hidden, query heads, KV heads, head dim, MLP channels) for structured pruning, after
+    checking that every decoder layer has the LLaMA-style projections (`ATTENTION_PROJECTIONS`
+    under `self_attn`, `MLP_PROJECTIONS` under `mlp`: LLaMA, Mistral, Qwen2, Gemma) at the
+    config's sizes; any other layout gets one clear error."""
+    cfg = model.config
+    hidden, n_heads, n_kv, inter = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.intermediate_size
+    head_dim = getattr(cfg, "head_dim", None) or hidden // n_heads
+    for i, layer in enumerate(decoder_layers(model)):
+        attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+        if attn is None or mlp is None or not all(isinstance(getattr(attn, n, None), nn.Linear) for n in ATTENTION_PROJECTIONS) or not all(
+            isinstance(getattr(mlp, n, None), nn.Linear) for n in MLP_PROJECTIONS
+        ):
+            raise ModelError(
+                f"structured pruning needs LLaMA-style layers (self_attn.q/k/v/o_proj, mlp.gate/up/down_proj); layer {i} of "
+                f"{type(model).__name__} is not"
+            )
+        if attn.k_proj.weight.shape[0] != n_kv * head_dim or mlp.gate_proj.weight.shape[0] != inter:
+            raise ModelError(f"layer {i} does not match the config's sizes: is this model already pruned non-uniformly?")
+    return hidden, n_heads, n_kv, head_dim, inter

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from paser.io.adapter import decoder_layers, layers_prefix
+from paser.io.adapter import ATTENTION_PROJECTIONS, decoder_layers, layers_prefix, structured_shapes
 from paser.errors import PaserError
 from paser.prune.calibration import Calibration, load_calibration, tokenize_calibration
 from paser.prune.methods import PRUNING_METHODS
@@ -66,8 +66,6 @@ METHODS = tuple(PRUNING_METHODS)  # the registered methods (paser.prune.methods)
 DEFAULT_STRUCTURED_IMPORTANCE = "activation"
 REPORT_NAME = "pruning_report.json"
 
-_ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
-_MLP = ("gate_proj", "up_proj", "down_proj")
 
 
 # ----------------------------------------------------------------------------- model access
@@ -174,24 +172,6 @@ def _new_linear(old: nn.Linear, rows: torch.Tensor | None = None, cols: torch.Te
 
 
 # ----------------------------------------------------------------------------- structured surgery
-
-
-def _structured_dims(model: nn.Module) -> tuple[int, int, int, int, int]:
-    cfg = model.config
-    hidden, n_heads, n_kv, inter = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.intermediate_size
-    head_dim = getattr(cfg, "head_dim", None) or hidden // n_heads
-    for i, layer in enumerate(decoder_layers(model)):
-        attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
-        if attn is None or mlp is None or not all(isinstance(getattr(attn, n, None), nn.Linear) for n in _ATTN) or not all(
-            isinstance(getattr(mlp, n, None), nn.Linear) for n in _MLP
-        ):
-            raise PaserError(
-                f"structured pruning needs LLaMA-style layers (self_attn.q/k/v/o_proj, mlp.gate/up/down_proj); layer {i} of "
-                f"{type(model).__name__} is not"
-            )
-        if attn.k_proj.weight.shape[0] != n_kv * head_dim or mlp.gate_proj.weight.shape[0] != inter:
-            raise PaserError(f"layer {i} does not match the config's sizes: is this model already pruned non-uniformly?")
-    return hidden, n_heads, n_kv, head_dim, inter
 
 
 def _prune_layer_structured(
@@ -480,7 +460,7 @@ def _prune_structured(
     percdamp: float,
     show_progress: bool,
 ) -> tuple[dict[str, dict], dict]:
-    hidden, n_heads, n_kv, head_dim, inter = _structured_dims(model)
+    hidden, n_heads, n_kv, head_dim, inter = structured_shapes(model)
     n_rep = n_heads // n_kv
     cfg = model.config
     plan = plan_structured(
@@ -516,7 +496,7 @@ def _prune_structured(
         grp_scores = head_group_importance(
             attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight, attn.o_proj.weight, n_kv, head_dim, importance,
             o_in_sq_norms=o_sq,
-            grads=tuple(g[f"self_attn.{n}"] for n in _ATTN) if g else None,
+            grads=tuple(g[f"self_attn.{n}"] for n in ATTENTION_PROJECTIONS) if g else None,
         )
         keep_ch = keep_top(ch_scores, plan.channels_keep)
         keep_gr = keep_top(grp_scores, plan.kv_groups_keep)
