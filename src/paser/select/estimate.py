@@ -33,7 +33,7 @@ def _rss_bytes() -> int:
 class Estimate:
     method: str
     pool_size: int
-    budget: int
+    budget: int  # records, or response tokens when budget_unit is "tokens"
     sample_size: int
     tokens_per_record: float
     tokens: int  # prompt + response tokens through one model
@@ -43,6 +43,7 @@ class Estimate:
     seconds: dict = field(default_factory=dict)
     peak_memory_bytes: int = 0
     device: str = "cpu"
+    budget_unit: str = "records"
     adaptive: dict | None = None  # --scoring adaptive: the plan (paser.select.adaptive.plan_adaptive) and its tokens/time
 
     @property
@@ -55,7 +56,7 @@ class Estimate:
     def summary(self) -> str:
         parts = ", ".join(f"{k} {v:.0f} s" for k, v in self.seconds.items())
         return (
-            f"estimate for `paser select --method {self.method}` on {self.pool_size} records (budget {self.budget}), "
+            f"estimate for `paser select --method {self.method}` on {self.pool_size} records (budget {self.budget:,} {self.budget_unit}), "
             f"from a sample of {self.sample_size}:\n"
             f"  tokens: {self.tokens:,} ({self.tokens_per_record:.0f} per record; {self.padded_tokens:,} after batching)\n"
             f"  forward passes: {self.forward_sequences:,} sequences\n"
@@ -97,7 +98,7 @@ def estimate_selection(args: SelectArgs, sample_size: int = 64, records: list | 
     from paser.io.models import load_model
     from paser.score.divergence import token_jsd
     from paser.score.engine import encode_records, plan_batches
-    from paser.select.budget import resolve_budget
+    from paser.select.budget import parse_budget, resolve_budget
     from paser.select.registry import SELECTION_METHODS, get
     from paser.select.pool import load_selection_pool
 
@@ -184,6 +185,7 @@ def estimate_selection(args: SelectArgs, sample_size: int = 64, records: list | 
         method=args.method,
         pool_size=n,
         budget=budget,
+        budget_unit="tokens" if parse_budget(args.budget).is_tokens else "records",
         sample_size=len(sample),
         tokens_per_record=per_record,
         tokens=tokens,
