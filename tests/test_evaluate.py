@@ -398,3 +398,21 @@ def test_lm_eval_runs_are_offline_unless_the_user_opts_in(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     with offline():
         assert not hub.HF_HUB_OFFLINE
+
+
+def test_the_api_evaluates_a_model_in_memory_as_its_directory(tmp_path, tiny_model_dir):
+    """api.evaluate(model=<module>, tokenizer=...) gives the numbers the saved directory gives."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from paser import api
+    from paser.errors import PaserError
+
+    opts = dict(tasks="wikitext2", ppl_tokens=256, ppl_window=64, limit=None)
+    want = api.evaluate(model=str(tiny_model_dir), out=str(tmp_path / "dir.json"), **opts)
+    m = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    got = api.evaluate(model=m, tokenizer=tok, out=str(tmp_path / "mem.json"), **opts)
+    assert got.results["results"]["wikitext2"]["ppl"] == pytest.approx(want.results["results"]["wikitext2"]["ppl"], rel=1e-6)
+    assert got.results["model"]["name"].endswith("(in memory)")
+    with pytest.raises(PaserError, match="tokenizer"):
+        api.evaluate(model=m, out=str(tmp_path / "x.json"), **opts)

@@ -15,9 +15,12 @@ import os
 from pathlib import Path
 from typing import Any
 
+from torch import nn
+
 from paser import stages
 from paser.config import EvaluateArgs, PruneArgs, RecoverArgs, SelectArgs
 from paser.errors import PaserError
+from paser.io.models import LoadedModel, fingerprint_model
 from paser.io.records import Record, selected_row, write_jsonl
 from paser.pipeline import run_pipeline
 from paser.results import EvaluationResult, PruneResult, RecoveryResult
@@ -101,11 +104,31 @@ def recover(args: RecoverArgs | None = None, **kwargs) -> RecoveryResult:
     return stages.recover(a)
 
 
-def evaluate(args: EvaluateArgs | None = None, **kwargs) -> EvaluationResult:
-    """Perplexity and zero-shot accuracy; writes a results JSON with provenance."""
+def evaluate(args: EvaluateArgs | None = None, *, tokenizer: Any = None, **kwargs) -> EvaluationResult:
+    """Perplexity and zero-shot accuracy; writes a results JSON with provenance.
+
+    `model` may also be a model in memory: a `paser.io.models.LoadedModel`, or a transformers
+    causal LM with its `tokenizer=` (fingerprinted from its weights, so cached task results are
+    reused only for the same weights)."""
+    loaded = None
+    model = kwargs.get("model")
+    if model is not None and not _is_path(model):
+        loaded = _loaded(model, tokenizer)
+        kwargs = {**kwargs, "model": loaded.name}
     a = _coerce_args(EvaluateArgs, args, kwargs)
     _need(a.model, "--model", "evaluate")
-    return stages.evaluate(a)
+    return stages.evaluate(a, loaded)
+
+
+def _loaded(model: Any, tokenizer: Any) -> LoadedModel:
+    if isinstance(model, LoadedModel):
+        return model
+    if not isinstance(model, nn.Module):
+        raise PaserError(f"evaluate: model must be a path, an embedded name, a LoadedModel or a torch module, got a {type(model).__name__}")
+    if tokenizer is None:
+        raise PaserError("evaluate: a model in memory needs its tokenizer= as well")
+    name = getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__
+    return LoadedModel(model, tokenizer, "", fingerprint_model(model), f"{name} (in memory)")
 
 
 def pipeline(config: str, out: str | None = None) -> str:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from paser.config import EvaluateArgs, PruneArgs, RecoverArgs, SelectArgs
 from paser.evaluate.runner import evaluate_model
+from paser.io.models import LoadedModel
 from paser.io.records import load_records
 from paser.prune import run_prune
 from paser.recover.lora import RecoverOptions
@@ -53,10 +54,10 @@ def recover(a: RecoverArgs) -> RecoveryResult:
     return RecoveryResult(Path(a.out), report)
 
 
-def evaluate(a: EvaluateArgs) -> EvaluationResult:
-    """Evaluate `a.model` on `a.tasks`; the results JSON goes to `a.out`."""
+def evaluate(a: EvaluateArgs, model: LoadedModel | None = None) -> EvaluationResult:
+    """Evaluate `a.model` (or the model in memory `model`) on `a.tasks`; the results JSON goes to `a.out`."""
     results = evaluate_model(
-        a.model,
+        a.model if model is None else model,
         tasks=[t.strip() for t in a.tasks.split(",") if t.strip()],
         limit=a.limit,
         seed=a.seed,
