@@ -15,7 +15,7 @@ from test_recover import _StepCounter, _adapter_tensors, _Crash, _crash_at, _rec
 
 from paser.errors import PaserError
 from paser.recover import recover
-from paser.recover.lora import _last_checkpoint, _report_integration, resolve_save_dtype
+from paser.recover.lora import _last_checkpoint, _report_integration, offline_logging, resolve_save_dtype
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 KW = dict(lr=5e-3, batch_size=4, seed=3, show_progress=False)
@@ -121,9 +121,15 @@ def test_report_to_names_the_missing_package_and_keeps_wandb_offline(monkeypatch
 
     monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: object() if n == "wandb" else real(n, *a))
     monkeypatch.delenv("WANDB_MODE", raising=False)
-    assert _report_integration("wandb") == "wandb" and os.environ["WANDB_MODE"] == "offline"
+    assert _report_integration("wandb") == "wandb" and "WANDB_MODE" not in os.environ  # nothing set for the process
+    with offline_logging("wandb"):
+        assert os.environ["WANDB_MODE"] == "offline"  # while the run trains
+    assert "WANDB_MODE" not in os.environ  # and not after it
+    with offline_logging("tensorboard"):
+        assert "WANDB_MODE" not in os.environ
     monkeypatch.setenv("WANDB_MODE", "online")  # the user's own choice is kept
-    _report_integration("wandb")
+    with offline_logging("wandb"):
+        assert os.environ["WANDB_MODE"] == "online"
     assert os.environ["WANDB_MODE"] == "online"
 
 

@@ -23,6 +23,7 @@ TrainingSetup), merge (adapter and merged model, each swapped in whole), report.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import json
@@ -153,9 +154,22 @@ def _report_integration(report_to: str) -> str:
     pkgs = _REPORT_PACKAGES[report_to]
     if not any(importlib.util.find_spec(p) is not None for p in pkgs):
         raise PaserError(f"recover: --report-to {report_to} needs the '{pkgs[0]}' package: pip install {pkgs[0]}")
-    if report_to == "wandb":
-        os.environ.setdefault("WANDB_MODE", "offline")  # paser never needs a network; the user may opt in
     return report_to
+
+
+@contextlib.contextmanager
+def offline_logging(report_to: str):
+    """WANDB_MODE=offline while one run trains, unless the user set WANDB_MODE (their opt-in to
+    a network): paser never needs one. wandb reads the mode only from the environment when the
+    Trainer starts it, so it is set here for the run and removed after, not for the process."""
+    if report_to != "wandb" or "WANDB_MODE" in os.environ:
+        yield
+        return
+    os.environ["WANDB_MODE"] = "offline"
+    try:
+        yield
+    finally:
+        os.environ.pop("WANDB_MODE", None)
 
 
 def _vocab_size(model: nn.Module) -> int:
@@ -617,6 +631,11 @@ class TrainingOutcome:
 
 def train(plan: RecoverPlan, setup: TrainingSetup) -> TrainingOutcome:
     """Train (from the checkpoint, if any), with a validation loss at the start and the end."""
+    with offline_logging(plan.opts.report_to):
+        return _train(plan, setup)
+
+
+def _train(plan: RecoverPlan, setup: TrainingSetup) -> TrainingOutcome:
     trainer, resume_from = setup.trainer, setup.resume_from
     if plan.val_ds is not None and resume_from is None:
         setup.log_writer.initial_eval = trainer.evaluate()  # validation loss before training: step 0 of the curve
