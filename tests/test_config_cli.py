@@ -75,3 +75,11 @@ def test_estimate_command(tmp_path, tiny_model_dir, tiny_pruned_dir, capsys):
                "--cache-dir", str(tmp_path / "c")])
     out = capsys.readouterr().out
     assert rc == 0 and "on 40 records (budget 4)" in out and "forward passes: 80 sequences" in out and "peak memory" in out
+
+
+def test_an_estimate_names_a_token_budget_as_tokens():
+    from paser.select.estimate import Estimate
+
+    base = dict(method="paser", pool_size=10, sample_size=3, tokens_per_record=1.0, tokens=1, padded_tokens=1, forward_sequences=1)
+    assert "(budget 16,000 tokens)" in Estimate(budget=16000, budget_unit="tokens", **base).summary()
+    assert "(budget 4)" in Estimate(budget=4, **base).summary()

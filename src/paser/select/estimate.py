@@ -56,13 +56,16 @@ class Estimate:
     def summary(self) -> str:
         parts = ", ".join(f"{k} {v:.0f} s" for k, v in self.seconds.items())
         return (
-            f"estimate for `paser select --method {self.method}` on {self.pool_size} records (budget {self.budget:,} {self.budget_unit}), "
+            f"estimate for `paser select --method {self.method}` on {self.pool_size} records (budget {self._budget_text()}), "
             f"from a sample of {self.sample_size}:\n"
             f"  tokens: {self.tokens:,} ({self.tokens_per_record:.0f} per record; {self.padded_tokens:,} after batching)\n"
             f"  forward passes: {self.forward_sequences:,} sequences\n"
             f"  time on {self.device}: about {self.total_seconds / 60:.1f} min ({parts})\n"
             f"  peak memory: about {self.peak_memory_bytes / 2**30:.2f} GiB"
         ) + (self._adaptive_line() if self.adaptive else "")
+
+    def _budget_text(self) -> str:
+        return f"{self.budget:,} tokens" if self.budget_unit == "tokens" else str(self.budget)
 
     def _adaptive_line(self) -> str:
         a = self.adaptive
