@@ -9,9 +9,10 @@ benchmarks/results/encoder_backend/): this encoder exported to ONNX and run by o
 (float32) embeds 2,000 pool records at 0.75-0.96x torch's speed on the 2-core CPU (3 runs, one thread, beside another benchmark), and
 onnxruntime's int8 dynamic quantisation is 1.05-1.4x torch (2 runs) but moves the clusters (ARI 0.81
 against float32 torch, goal >= 0.95). sentence-transformers' own ``backend="onnx"`` and
-``"openvino"`` cannot be installed beside paser: they go through optimum-onnx (its only
-release, 0.1.0, requires transformers < 4.58) and optimum-intel (2.2.0: transformers < 5.6,
-huggingface-hub < 1.22), and paser needs transformers >= 5.2 (the main venv has 5.24).
+``"openvino"`` go through optimum packages: optimum-onnx (its only release, 0.1.0, requires
+transformers < 4.58, below paser's floor of 5.2) and optimum-intel (2.2.0: transformers < 5.6,
+huggingface-hub < 1.22). OpenVINO would thus need transformers 5.2-5.5 (the tested venv has
+5.24); it was not tried.
 """
 
 from __future__ import annotations
