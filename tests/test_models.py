@@ -68,3 +68,31 @@ def test_embedded_smollm2_loads():
     with torch.no_grad():
         out = lm.model(**ids).logits[0, -1]
     assert torch.isfinite(out).all()
+
+
+def test_special_tokens_follow_the_given_ids(tiny_model_dir):
+    """A converted tokenizer whose eos disagrees with the GGUF file's is corrected, in the
+    tokenizer and in both configs; ids that already agree change nothing."""
+    from paser.io.models import set_special_tokens
+
+    lm = load_model(str(tiny_model_dir), device="cpu")
+    tok, model = lm.tokenizer, lm.model
+    want = 5 if tok.eos_token_id != 5 else 6
+    changed = set_special_tokens(tok, model, {"eos": want, "pad": want})
+    assert tok.eos_token_id == want and tok.pad_token_id == want
+    assert model.config.eos_token_id == want and model.generation_config.eos_token_id == want
+    assert changed and changed[0].startswith("eos: ")
+    assert set_special_tokens(tok, model, {"eos": want}) == []
+
+
+@pytest.mark.slow
+def test_embedded_special_tokens_are_the_gguf_files():
+    """The embedded SmolLM2 ends answers with <|im_end|> (id 2) and pads with it, as its GGUF
+    file declares, whichever transformers version converted it."""
+    from paser.io.models import EMBEDDED, _embedded_gguf_path, gguf_special_tokens
+
+    ids = gguf_special_tokens(_embedded_gguf_path(EMBEDDED["smollm2-135m"]))
+    assert ids == {"bos": 1, "eos": 2, "pad": 2}
+    lm = load_model("smollm2-135m", device="cpu")
+    assert (lm.tokenizer.eos_token, lm.tokenizer.eos_token_id, lm.tokenizer.pad_token_id) == ("<|im_end|>", 2, 2)
+    assert lm.model.config.eos_token_id == 2
