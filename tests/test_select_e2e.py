@@ -100,3 +100,21 @@ def test_the_api_takes_records_in_memory(tmp_path, tiny_model_dir, tiny_pruned_d
     assert res.report["tokens_trained"] > 0
     with pytest.raises(PaserError, match="data item 0 is a int"):
         api.recover(model=str(tiny_pruned_dir), data=[3], out=str(tmp_path / "bad"))
+
+
+def test_cached_embeddings_need_no_encoder(paser_run, tiny_model_dir, tiny_pruned_dir, monkeypatch):
+    """Once the pool's vectors are cached, select (its up-front estimate included) neither
+    loads nor needs the sentence encoder, and predicts no embedding time; the same selection."""
+    from paser.errors import ModelError
+    from paser.select import embed
+
+    tmp, out = paser_run
+
+    def missing():
+        raise ModelError("the default sentence encoder is missing")
+
+    monkeypatch.setattr(embed, "default_model_dir", missing)
+    again = _select(tmp, tiny_model_dir, tiny_pruned_dir, "paser", tmp / "no-encoder")
+    ids = lambda d: [r.id for r in load_records(d / "selected.jsonl")[0]]
+    assert ids(again) == ids(out)
+    assert json.loads((again / "report.json").read_text())["estimate"]["seconds"]["embed"] == 0.0

@@ -151,6 +151,20 @@ def _store_root(cache_dir: str | os.PathLike | None, encoder: str) -> Path:
     return base / f"{encoder.replace('/', '_')}-{key}"
 
 
+def count_uncached(records: Sequence["Record"], cache_dir: str | os.PathLike | None = None,
+                   encoder: str | os.PathLike | None = None) -> int:
+    """How many distinct records `embed_records` would embed: those whose vector the cache
+    lacks. The up-front estimate of `paser select` asks, so that a cached pool is predicted
+    to cost no encoder time, and needs no encoder installed (nothing loads it)."""
+    import pyarrow.parquet as pq
+
+    _, name = resolve_encoder(encoder)
+    have: set[str] = set()
+    for path in sorted(_store_root(cache_dir, name).glob("shard-*.parquet")):
+        have.update(pq.read_table(path, columns=["id"]).column("id").to_pylist())
+    return len({r.id for r in records} - have)
+
+
 def _read_vectors(paths: Iterable[Path]) -> tuple[np.ndarray, np.ndarray]:
     """(ids, vectors) of all shards; the list column is flattened in one go (no per-row objects)."""
     import pyarrow as pa

@@ -172,16 +172,20 @@ def estimate_selection(args: SelectArgs, sample_size: int = 64, records: list | 
             sequences = adaptive["expected_records"] * passes * len(scored)
         del logits
     if spec.needs_embeddings:
-        from paser.select.embed import embed_texts, record_text, resolve_encoder
+        from paser.select.embed import count_uncached, embed_texts, record_text, resolve_encoder
+        from paser.select.run import selection_cache_dir
 
-        texts = [record_text(r) for r in sample[:32]]
-        enc_dir, _ = resolve_encoder(args.encoder)  # time the encoder the run will use
-        embed_texts(texts[:2], enc_dir, show_progress=False)  # load the encoder outside the timing
-        t = time.perf_counter()
-        embed_texts(texts, enc_dir, show_progress=False)
-        rate = len(texts) / (time.perf_counter() - t)
-        tps["embed records"] = rate
-        seconds["embed"] = n / rate
+        missing = count_uncached(records, selection_cache_dir(args), args.encoder)
+        seconds["embed"] = 0.0  # every vector cached: the run loads no encoder, nor does this
+        if missing:
+            texts = [record_text(r) for r in sample[:32]]
+            enc_dir, _ = resolve_encoder(args.encoder)  # time the encoder the run will use
+            embed_texts(texts[:2], enc_dir, show_progress=False)  # load the encoder outside the timing
+            t = time.perf_counter()
+            embed_texts(texts, enc_dir, show_progress=False)
+            rate = len(texts) / (time.perf_counter() - t)
+            tps["embed records"] = rate
+            seconds["embed"] = missing / rate
         seconds["cluster"] = n * CLUSTER_SECONDS_PER_RECORD
     peak = _rss_bytes() + (n * 384 * 4 * 6 if spec.needs_embeddings else 0)  # embeddings, kNN graph, diffusion coords
     return Estimate(

@@ -72,7 +72,8 @@ def _distributed_state():
     return PartialState(cpu=not torch.cuda.is_available())
 
 
-def _cache_dir(args: SelectArgs) -> Path:
+def selection_cache_dir(args: SelectArgs) -> Path:
+    """The folder of the selection's caches (embeddings, scores): --cache-dir, else the user cache."""
     return Path(args.cache_dir) if args.cache_dir else default_cache_dir()
 
 
@@ -112,7 +113,7 @@ def run_selection(args: SelectArgs) -> SelectionResult:
     timings: dict[str, float] = {}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    cache = _cache_dir(args)
+    cache = selection_cache_dir(args)
 
     t = time.time()
     records, load_reports = load_selection_pool(args)
