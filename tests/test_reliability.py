@@ -401,7 +401,8 @@ def test_replaced_weights_change_the_fingerprint(tmp_path, tiny_model_dir, tiny_
     d = _model_copy(tmp_path, tiny_model_dir)
     fp0 = models.fingerprint_directory(d)
     # A paser-written directory: the marker holds the fingerprint and the stats it covers.
-    (d / "paser_model.json").write_text(json.dumps({"fingerprint": fp0, "files": models._weight_stats(d)}))
+    (d / "paser_model.json").write_text(json.dumps({"fingerprint": fp0, "files": models._weight_stats(d),
+                                                    "fingerprint_version": models.FINGERPRINT_VERSION}))
     calls = []
     real = models.fingerprint_directory
     monkeypatch.setattr(models, "fingerprint_directory", lambda p: calls.append(p) or real(p))
@@ -672,3 +673,20 @@ def test_an_interrupt_keeps_the_finished_batches(tmp_path, scored, monkeypatch):
     first_two = sum(e - s for s, e in eng.plan_batches([it.length for it in eng.rank_share(eng.encode_records(recs, o.tokenizer, "alpaca", 64))], 256)[:2])
     assert resumed.stats.samples_cached == first_two  # the count rule (8 batches) never fired: saved on the interrupt
     assert np.array_equal(resumed.jsd, clean.jsd)
+
+
+def test_fingerprint_ignores_who_saved_the_config(tmp_path, tiny_model_dir, monkeypatch):
+    """The same weights saved by another transformers version (another machine) keep their
+    fingerprint; a change to what the config says about the model does not; a fingerprint
+    stored under an older definition is recomputed, not trusted."""
+    import paser.io.models as models
+
+    a, b = _model_copy(tmp_path / "a", tiny_model_dir), _model_copy(tmp_path / "b", tiny_model_dir)
+    cfg = json.loads((b / "config.json").read_text())
+    (b / "config.json").write_text(json.dumps({**cfg, "transformers_version": "0.0.1", "_name_or_path": "/elsewhere"}, indent=4))
+    assert models.fingerprint_directory(a) == models.fingerprint_directory(b)
+    (b / "config.json").write_text(json.dumps({**cfg, "rope_theta": 1.0}))
+    assert models.fingerprint_directory(a) != models.fingerprint_directory(b)
+
+    (a / "paser_model.json").write_text(json.dumps({"fingerprint": "0123456789abcdef", "files": models._weight_stats(a)}))
+    assert models._cached_dir_fingerprint(a, tmp_path / "c") == models.fingerprint_directory(a)

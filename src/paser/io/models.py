@@ -179,7 +179,8 @@ def materialise_embedded(name: str, cache_dir: Path | None = None) -> Path:
         # The file stats make the stored fingerprint checkable (see _cached_dir_fingerprint); they
         # are taken in tmp, and a rename keeps inode, size and times.
         atomic_write_json(tmp / "paser_model.json", {"name": name, "gguf": gguf.name, "fingerprint": fp, "files": _weight_stats(tmp),
-                                                      "seconds": time.time() - t0, "conversion": CONVERSION_VERSION})
+                                                      "seconds": time.time() - t0, "conversion": CONVERSION_VERSION,
+                                                      "fingerprint_version": FINGERPRINT_VERSION})
 
     atomic_write_dir(out, write)
     return out
@@ -217,18 +218,43 @@ def _weight_stats(p: Path) -> dict[str, list[int]]:
     return out
 
 
+# Bump when what a fingerprint covers changes: stored fingerprints of another version are
+# recomputed. 2: config.json without the keys below.
+FINGERPRINT_VERSION = 2
+# Config keys that say who wrote a model, not what it is: the same weights saved by another
+# transformers version (every fresh machine installs the newest) are the same model, and
+# their cached scores and archived rows must be found again.
+VOLATILE_CONFIG_KEYS = ("_name_or_path", "transformers_version", "torch_dtype", "dtype")
+
+
+def _canonical_config(path: Path) -> bytes | None:
+    """config.json without VOLATILE_CONFIG_KEYS, as sorted JSON; None if it is not a JSON object."""
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if not isinstance(d, dict):
+        return None
+    return json.dumps({k: v for k, v in d.items() if k not in VOLATILE_CONFIG_KEYS}, sort_keys=True).encode()
+
+
 def hash_files(paths) -> str:
     """sha256 over each file's name and bytes, in name order (16 hex digits): the identity of
-    a model directory's weights, or of a LoRA adapter's."""
+    a model directory's weights, or of a LoRA adapter's. A model's config.json counts without
+    VOLATILE_CONFIG_KEYS."""
     h = hashlib.sha256()
     for f in sorted(Path(x) for x in paths):
         h.update(f.name.encode())
-        hash_file_into(h, f)
+        config = _canonical_config(f) if f.name == "config.json" else None
+        if config is not None:
+            h.update(config)
+        else:
+            hash_file_into(h, f)
     return h.hexdigest()[:16]
 
 
 def fingerprint_directory(path: str | os.PathLike) -> str:
-    """sha256 over config.json and every weight file, in name order."""
+    """sha256 over config.json (see hash_files) and every weight file, in name order."""
     p = Path(path)
     files = _fingerprinted_files(p)
     if not files:
@@ -265,20 +291,22 @@ def _cached_dir_fingerprint(path: Path, cache_dir: Path | None = None) -> str:
         info = json.loads(marker.read_text()) if marker.exists() else {}
     except (OSError, json.JSONDecodeError):
         info = {}
-    if info.get("fingerprint") and info.get("files") == stats:
+    current = info.get("fingerprint_version") == FINGERPRINT_VERSION
+    if info.get("fingerprint") and info.get("files") == stats and current:
         return info["fingerprint"]
     record = (cache_dir or default_cache_dir()) / "fingerprints" / f"{hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:24]}.json"
     try:
         known = json.loads(record.read_text()) if record.exists() else {}
     except (OSError, json.JSONDecodeError):
         known = {}
-    if known.get("fingerprint") and known.get("files") == stats:
+    if known.get("fingerprint") and known.get("files") == stats and known.get("fingerprint_version") == FINGERPRINT_VERSION:
         return known["fingerprint"]
     fp = fingerprint_directory(path)
-    if info.get("fingerprint") and info["fingerprint"] != fp:
+    if info.get("fingerprint") and info["fingerprint"] != fp and current:
         log.warning("%s: the weights changed since paser_model.json was written; using their new fingerprint", path)
     try:  # a record in paser's cache, not the user's model directory, which may be read-only
-        atomic_write_json(record, {"path": str(path.resolve()), "fingerprint": fp, "files": stats})
+        atomic_write_json(record, {"path": str(path.resolve()), "fingerprint": fp, "files": stats,
+                                   "fingerprint_version": FINGERPRINT_VERSION})
     except OSError:
         pass
     return fp
