@@ -35,6 +35,9 @@ def summarise_log(history: list[dict]) -> dict[str, list[dict]]:
     return {"train": train, "val": val}
 
 
+LOG_WRITE_SECONDS = 10.0  # how often training_log.json is rewritten during training
+
+
 def make_callbacks(log_path: Path, show_progress: bool, prior_seconds: float = 0.0, save_minutes: float = 0.0):
     from transformers import ProgressCallback, TrainerCallback
 
@@ -49,6 +52,7 @@ def make_callbacks(log_path: Path, show_progress: bool, prior_seconds: float = 0
             self.prior_seconds = prior_seconds  # training time before the checkpoint resumed from
             self.t_begin = time.perf_counter()
             self.t_saved = self.t_begin
+            self.t_logged = float("-inf")  # the first log event writes the file
 
         def on_train_begin(self, args, state, control, **kw):
             self.tokens_at_begin = state.num_input_tokens_seen
@@ -59,8 +63,18 @@ def make_callbacks(log_path: Path, show_progress: bool, prior_seconds: float = 0
 
         def on_train_end(self, args, state, control, **kw):
             self.tokens_at_end = state.num_input_tokens_seen
+            self.write_log(state)  # the whole curve, whatever the clock said
 
         def on_log(self, args, state, control, logs=None, **kw):
+            # Every LOG_WRITE_SECONDS, not every step: each write rewrites the whole curve and
+            # fsyncs it, which on a GPU, where a step of a small model takes milliseconds, is a
+            # cost of its own; a killed run loses at most that much of the curve.
+            now = time.perf_counter()
+            if now - self.t_logged >= LOG_WRITE_SECONDS:
+                self.write_log(state)
+                self.t_logged = now
+
+        def write_log(self, state) -> None:
             atomic_write_json(log_path, summarise_log(state.log_history))
 
         def on_step_end(self, args, state, control, **kw):
@@ -72,6 +86,7 @@ def make_callbacks(log_path: Path, show_progress: bool, prior_seconds: float = 0
 
         def on_save(self, args, state, control, **kw):
             self.t_saved = time.perf_counter()
+            self.write_log(state)  # a checkpoint and the curve up to it go together
             # The Trainer's checkpoints keep no wall time; without this a resumed run would
             # report only its last part as the cost of recovery.
             ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
